@@ -1,0 +1,1 @@
+"""derta_jax: Decoupled Refusal Training (DeRTa) for LLaMA-3, Mistral and Mixtral in JAX/Flax."""

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# One command: set up .venv with the dev requirements and run the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh --dev
+exec .venv/bin/python -m pytest "$@"
