@@ -186,35 +186,37 @@ def safetensors_files(folder: str | os.PathLike) -> list[pathlib.Path]:
     raise ValueError(f"no *.safetensors files in {folder}")
 
 
-def _read_shapes(files: list[pathlib.Path]) -> dict[str, tuple[pathlib.Path, tuple[int, ...]]]:
-    """Tensor name -> (file, shape), from the headers only."""
-    found: dict[str, tuple[pathlib.Path, tuple[int, ...]]] = {}
+def _read_shapes(files: list[pathlib.Path]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor name -> (file name, shape), from the headers only."""
+    found: dict[str, tuple[str, tuple[int, ...]]] = {}
     for path in files:
         with safe_open(path, framework="numpy") as f:
             for name in f.keys():
                 if name in found:
-                    raise ValueError(f"tensor {name!r} appears in both {found[name][0]} and {path}")
-                found[name] = (path, tuple(f.get_slice(name).get_shape()))
+                    raise ValueError(f"tensor {name!r} appears in both {found[name][0]} and {path.name}")
+                found[name] = (path.name, tuple(f.get_slice(name).get_shape()))
     return found
 
 
-def _check(specs: dict[str, TensorSpec], found: dict, cfg: ModelConfig, folder) -> None:
-    """Raises ValueError naming missing, unexpected or wrongly shaped tensors."""
-    ignored = {n for n in found if _IGNORED.match(n)}
-    if cfg.tie_word_embeddings:
-        ignored.add("lm_head.weight")  # some tied checkpoints store the copy anyway
+def check_tensors(specs: dict[str, TensorSpec], found: dict[str, tuple[str, tuple[int, ...]]],
+                  cfg: ModelConfig, where: str, ignored: frozenset[str] = frozenset()) -> None:
+    """Raises ValueError naming unexpected, missing or wrongly shaped tensors.
+
+    `found` maps each tensor name in the checkpoint to (file it is in, shape); `ignored` names
+    tensors that may be present but are not loaded.
+    """
     unexpected = sorted(set(found) - set(specs) - ignored)
     if unexpected:
-        raise ValueError(f"unexpected tensors in {folder} for model_type={cfg.model_type!r}: "
+        raise ValueError(f"unexpected tensors in {where} for model_type={cfg.model_type!r}: "
                          f"{_short(unexpected)}")
     missing = sorted(set(specs) - set(found))
     if missing:
-        raise ValueError(f"missing tensors in {folder}: {_short(missing)}")
+        raise ValueError(f"missing tensors in {where}: {_short(missing)}")
     for name, spec in specs.items():
-        got = found[name][1]
+        source, got = found[name]
         if got != spec.shape:
-            raise ValueError(f"tensor {name!r} in {found[name][0].name} has shape {list(got)}, "
-                             f"expected {list(spec.shape)} from config.json")
+            raise ValueError(f"tensor {name!r} in {source} has shape {list(got)}, expected "
+                             f"{list(spec.shape)} from the model config")
 
 
 def _short(names: list[str], limit: int = 8) -> str:
@@ -222,19 +224,44 @@ def _short(names: list[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def _set(tree: Params, path: Path, value: np.ndarray) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
+class TreeBuilder:
+    """Assembles the canonical tree from Hugging Face arrays, one tensor at a time.
+
+    Stacked expert tensors are allocated once at their full shape and filled per expert.
+    """
+
+    def __init__(self, cfg: ModelConfig, dtype: str):
+        self.params: Params = {}
+        self._dtype = jnp.dtype(dtype)
+        self._shapes = canonical_shapes(cfg)
+        self._stacked: dict[Path, np.ndarray] = {}
+
+    def add(self, spec: TensorSpec, array: np.ndarray) -> None:
+        for path, fn in spec.outputs:
+            value = np.ascontiguousarray(fn(array), dtype=self._dtype)
+            if spec.expert is None:
+                self._set(path, value)
+                continue
+            if path not in self._stacked:
+                self._stacked[path] = np.empty(self._shapes[path], self._dtype)
+                self._set(path, self._stacked[path])
+            self._stacked[path][spec.expert] = value
+
+    def _set(self, path: Path, value: np.ndarray) -> None:
+        tree = self.params
+        for key in path[:-1]:
+            tree = tree.setdefault(key, {})
+        tree[path[-1]] = value
 
 
-def _iter_tensors(found: dict, names: set[str]) -> Iterator[tuple[str, np.ndarray]]:
+def _iter_tensors(folder: pathlib.Path, found: dict, names: set[str]) -> Iterator[tuple[str, np.ndarray]]:
     """Yields (name, array) one tensor at a time, file by file."""
-    by_file: dict[pathlib.Path, list[str]] = {}
-    for name, (path, _) in found.items():
+    by_file: dict[str, list[str]] = {}
+    for name, (file_name, _) in found.items():
         if name in names:
-            by_file.setdefault(path, []).append(name)
-    for path, file_names in by_file.items():
+            by_file.setdefault(file_name, []).append(name)
+    for file_name, file_names in by_file.items():
+        path = folder / file_name
         with safe_open(path, framework="numpy") as f:
             for name in file_names:
                 yield name, f.get_tensor(name)
@@ -252,27 +279,18 @@ def load_hf(folder: str | os.PathLike, dtype: str = "float32",
     if not (folder / "config.json").exists():
         raise ValueError(f"{folder} has no config.json (expected a Hugging Face checkpoint folder)")
     cfg = ModelConfig.from_hf(folder / "config.json", param_dtype=dtype)
-    np_dtype = jnp.dtype(dtype)
     found = _read_shapes(safetensors_files(folder))
     fused = any(".mlp.experts.gate_up_proj" in n for n in found)
     specs = hf_tensor_specs(cfg, fused_experts=fused)
-    _check(specs, found, cfg, folder)
-    shapes = canonical_shapes(cfg)
-    params: Params = {}
-    stacked: dict[Path, np.ndarray] = {}
+    ignored = {n for n in found if _IGNORED.match(n)}
+    if cfg.tie_word_embeddings:
+        ignored.add("lm_head.weight")  # some tied checkpoints store the copy anyway
+    check_tensors(specs, found, cfg, str(folder), frozenset(ignored))
+    builder = TreeBuilder(cfg, dtype)
     bar = tqdm(total=len(specs), desc=f"loading {folder.name}", unit="tensor", disable=not progress)
-    for name, array in _iter_tensors(found, set(specs)):
-        spec = specs[name]
-        for path, fn in spec.outputs:
-            value = np.ascontiguousarray(fn(array), dtype=np_dtype)
-            if spec.expert is None:
-                _set(params, path, value)
-                continue
-            if path not in stacked:
-                stacked[path] = np.empty(shapes[path], np_dtype)
-                _set(params, path, stacked[path])
-            stacked[path][spec.expert] = value
+    for name, array in _iter_tensors(folder, found, set(specs)):
+        builder.add(specs[name], array)
         del array
         bar.update()
     bar.close()
-    return cfg, params
+    return cfg, builder.params
