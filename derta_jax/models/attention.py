@@ -1,0 +1,68 @@
+"""Grouped-query attention with RoPE, the mask rule of docs/architecture.md and a KV cache."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from derta_jax.models import rope
+from derta_jax.models.config import ModelConfig
+from derta_jax.models.projection import Projection
+
+
+def attention_mask(q_pos_BL: jnp.ndarray, q_seg_BL: jnp.ndarray, k_pos_BS: jnp.ndarray,
+                   k_seg_BS: jnp.ndarray, window: int | None) -> jnp.ndarray:
+    """[B, 1, L, S] bool: query i sees key j when seg[j] == seg[i] != 0, pos[j] <= pos[i] and,
+    with a sliding window W, pos[i] - pos[j] < W."""
+    q_pos, q_seg = q_pos_BL[:, :, None], q_seg_BL[:, :, None]
+    k_pos, k_seg = k_pos_BS[:, None, :], k_seg_BS[:, None, :]
+    mask = (k_seg == q_seg) & (q_seg != 0) & (k_pos <= q_pos)
+    if window is not None:
+        mask &= (q_pos - k_pos) < window
+    return mask[:, None, :, :]
+
+
+def implementation(cfg: ModelConfig) -> str:
+    """'cudnn' when asked for, or on GPU in bfloat16 under 'auto'; the XLA kernel otherwise."""
+    if cfg.attention_impl not in ("auto", "xla", "cudnn"):
+        raise ValueError(f"attention_impl={cfg.attention_impl!r}: expected auto, xla or cudnn")
+    if cfg.attention_impl == "auto":
+        on_gpu = jax.default_backend() == "gpu"
+        return "cudnn" if on_gpu and cfg.dtype == "bfloat16" else "xla"
+    return cfg.attention_impl
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BLD: jnp.ndarray, shared: dict, layer_cache: dict | None
+                 ) -> tuple[jnp.ndarray, dict | None]:
+        """`shared` holds cos/sin [B, L, Dh], the mask [B, 1, L, S] and the cache write index."""
+        cfg = self.cfg
+        D, H, K, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+        def proj(name: str, shape: tuple[int, ...], n_in: int, axes: tuple[str, ...]) -> Projection:
+            return Projection(cfg, shape, n_in, axes, self.deterministic, name=name)
+
+        q = proj("q_proj", (D, H, Dh), 1, ("embed", "heads", "head_dim"))(x_BLD)
+        k = proj("k_proj", (D, K, Dh), 1, ("embed", "kv_heads", "head_dim"))(x_BLD)
+        v = proj("v_proj", (D, K, Dh), 1, ("embed", "kv_heads", "head_dim"))(x_BLD)
+        q = rope.apply_rope(q, shared["cos"], shared["sin"])
+        k = rope.apply_rope(k, shared["cos"], shared["sin"])
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
+        new_cache = None
+        if layer_cache is not None:
+            start = (0, shared["index"], 0, 0)
+            k = lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
+            v = lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
+            new_cache = {"k": k, "v": v}
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+        out_BLHD = jax.nn.dot_product_attention(q, k, v, mask=shared["mask"],
+                                                implementation=implementation(cfg))
+        out_BLHD = nn.with_logical_constraint(out_BLHD, ("batch", "length", "heads", "head_dim"))
+        out = proj("o_proj", (H, Dh, D), 2, ("heads", "head_dim", "embed"))(out_BLHD)
+        return out, new_cache

@@ -1,0 +1,27 @@
+"""The functional KV cache pytree.
+
+    {"index": int32 [] (next write slot), "positions": int32 [B, S], "segment_ids": int32 [B, S],
+     "layers_{i}": {"k": [B, S, K, Dh], "v": [B, S, K, Dh]}}     (scan_layers: one stacked "layers")
+
+Every forward with a cache writes its L new keys/values, positions and segment ids at `index` and
+advances it by L; unwritten slots have segment 0, so the ordinary mask rule ignores them. The caller
+keeps index + L <= S (a write past the end would be clamped by dynamic_update_slice).
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from derta_jax.models.config import ModelConfig
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> dict:
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.scan_layers:
+        shape = (cfg.num_layers, *shape)
+        layers = {"layers": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}}
+    else:
+        layers = {f"layers_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+                  for i in range(cfg.num_layers)}
+    return {"index": jnp.zeros((), jnp.int32), "positions": jnp.zeros((batch, max_len), jnp.int32),
+            "segment_ids": jnp.zeros((batch, max_len), jnp.int32), **layers}
