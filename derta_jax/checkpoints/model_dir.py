@@ -1,0 +1,91 @@
+"""The model dir: what `python -m derta_jax.convert` writes and every entry point reads.
+
+    <model dir>/model_config.json   ModelConfig.to_json()
+    <model dir>/params/             Orbax (StandardCheckpointer) checkpoint of the canonical tree
+    <model dir>/tokenizer.json, ... the tokenizer (transformers `save_pretrained` files)
+
+A model dir without `params/` (config and tokenizer only) is what a training workdir keeps.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from derta_jax.models.config import ModelConfig
+
+CONFIG_FILE = "model_config.json"
+PARAMS_DIR = "params"
+
+
+def save_model_dir(out: str | os.PathLike, cfg: ModelConfig, params: Any | None,
+                   tokenizer: PreTrainedTokenizerBase | None) -> pathlib.Path:
+    """Writes `out/model_config.json`, `out/params/` (unless params is None) and the tokenizer.
+
+    `params` is the canonical tree (numpy or jax arrays). Refuses to overwrite existing params.
+    """
+    out = pathlib.Path(out).absolute()
+    if (out / PARAMS_DIR).exists():
+        raise ValueError(f"{out / PARAMS_DIR} already exists; remove it or choose another output")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_FILE).write_text(cfg.to_json())
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    if params is not None:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(out / PARAMS_DIR, params)
+        checkpointer.wait_until_finished()
+    return out
+
+
+def _require(path: pathlib.Path, name: str, what: str) -> pathlib.Path:
+    if not (path / name).exists():
+        raise ValueError(f"{path} is not a model dir: {name} is missing ({what}); "
+                         "create one with `python -m derta_jax.convert`")
+    return path / name
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a model dir."""
+    path = pathlib.Path(path)
+    return ModelConfig.from_json(_require(path, CONFIG_FILE, "the model config").read_text())
+
+
+def load_model_dir(path: str | os.PathLike, dtype: str | None = None,
+                   shardings: Any = None) -> tuple[ModelConfig, Any]:
+    """Restores (cfg, params) from a model dir as jax arrays.
+
+    dtype: cast every parameter on restore (float32 | bfloat16); None keeps the stored dtypes.
+      The returned cfg then has `param_dtype=dtype`.
+    shardings: one `jax.sharding.Sharding` for all leaves, a pytree of them matching the canonical
+      tree, or None for the first local device.
+    """
+    path = pathlib.Path(path).absolute()
+    cfg = load_config(path)
+    params_dir = _require(path, PARAMS_DIR, "the Orbax parameter checkpoint")
+    checkpointer = ocp.StandardCheckpointer()
+    stored = checkpointer.metadata(params_dir).item_metadata.tree
+    if shardings is None:
+        shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, stored)
+    target = jax.tree.map(
+        lambda meta, sharding: jax.ShapeDtypeStruct(
+            meta.shape, jnp.dtype(dtype) if dtype else meta.dtype, sharding=sharding),
+        stored, shardings)
+    params = checkpointer.restore(params_dir, target)
+    if dtype is not None:
+        cfg = cfg.replace(param_dtype=dtype)
+    return cfg, params
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in a model dir (never runs remote code)."""
+    path = pathlib.Path(path)
+    _require(path, "tokenizer_config.json", "the tokenizer files")
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)

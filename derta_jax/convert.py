@@ -1,0 +1,70 @@
+"""Convert a Hugging Face safetensors folder or a GGUF file into a derta_jax model dir.
+
+    python -m derta_jax.convert --hf DIR --out MODEL_DIR [--dtype bfloat16]
+    python -m derta_jax.convert --gguf FILE --out MODEL_DIR
+
+The tokenizer is taken from the checkpoint (the HF folder's tokenizer files, or the GGUF
+metadata); `--tokenizer DIR` gives it from another folder. Safetensors are streamed one tensor
+at a time; pickle weights are refused.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from derta_jax.checkpoints.gguf import load_gguf
+from derta_jax.checkpoints.hf import load_hf
+from derta_jax.checkpoints.model_dir import save_model_dir
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m derta_jax.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf", type=pathlib.Path, help="folder with config.json and *.safetensors")
+    source.add_argument("--gguf", type=pathlib.Path, help="a llama GGUF file")
+    parser.add_argument("--out", type=pathlib.Path, required=True, help="model dir to write")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype of the stored parameters")
+    parser.add_argument("--tokenizer", type=pathlib.Path, default=None,
+                        help="folder with the tokenizer files, if not the checkpoint's own")
+    return parser.parse_args(argv)
+
+
+def _hf_tokenizer(folder: pathlib.Path) -> PreTrainedTokenizerBase:
+    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                "tokenizer.model")):
+        raise ValueError(f"{folder} has no tokenizer files (tokenizer.json / tokenizer_config.json);"
+                         " pass --tokenizer DIR")
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+
+
+def main(argv: list[str] | None = None) -> pathlib.Path:
+    args = _parse(argv)
+    start = time.perf_counter()
+    if args.hf is not None:
+        tokenizer = _hf_tokenizer(args.tokenizer or args.hf)
+        cfg, params = load_hf(args.hf, dtype=args.dtype)
+    else:
+        cfg, params, tokenizer = load_gguf(args.gguf, dtype=args.dtype)
+        if args.tokenizer is not None:
+            tokenizer = _hf_tokenizer(args.tokenizer)
+    out = save_model_dir(args.out, cfg, params, tokenizer)
+    leaves = [np.shape(x) for x in jax.tree.leaves(params)]
+    count = sum(int(np.prod(s)) for s in leaves)
+    print(f"converted {len(leaves)} tensors, {count:,} params ({args.dtype}) to {out} "
+          f"in {time.perf_counter() - start:.1f} s")
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        sys.exit(f"error: {e}")
