@@ -1,0 +1,141 @@
+"""Records -> token ids with the official masking; per-example arrays in the batch contract.
+
+Rules (the official `preprocess_function`, plus what it leaves open):
+
+- `prefix` and `prefix + text` are tokenised separately; the first len(tokens(prefix)) labels of
+  the full sequence are masked. Sequences are truncated on the right to `max_length` (the block
+  size), so an over-long example keeps its prompt and as much of the response as fits; an
+  example left with no supervised label is dropped and counted in `BuildStats`.
+- BOS, decided here and not by the tokenizer: text is always encoded with
+  `add_special_tokens=False`, then `bos_token_id` is prepended when `add_bos` is true. The default
+  (`add_bos=None`) prepends it for the base template (the official LLaMA-3 runs had one: their
+  tokenizer's post-processor added `<|begin_of_text|>`) and never for the chat template, whose
+  text already carries whatever BOS the model wants (LLaMA-3's `{{ bos_token }}`). Tokenizers
+  whose post-processor adds a BOS and those that do not therefore give the same ids.
+- Alignment (architecture.md, "Data"): the logits at position t predict `targets[t]`, which is
+  tokens[t + 1]; `loss_mask[t]` is set when label t + 1 is supervised. For an RTO record
+  (`safe`) every supervised target is the refusal id and `rto_mask = loss_mask`: the positions
+  from the last prompt token to the one before the final eos, i.e. P(sorry | q, r̂<t) for
+  t = 0..|r̂|. The last position of an example never carries loss.
+- Token-level cut (`DertaRecord.harmful`): tokens = tokens(prefix) + tokens(harmful) +
+  tokens(text), each encoded separately; `materialize(example, k)` keeps only the first k harmful
+  tokens, which join the masked prompt. k is drawn by the loader (uniform in [0, max_cut]).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+
+from derta_jax.data.recipe import DertaRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedExample:
+    """One example's ids. Labels of the first `prompt_len` tokens are masked.
+
+    With a token cut, tokens[prompt_len : prompt_len + cut_len] are the harmful response r̂, of
+    which an epoch keeps the first k <= max_cut (capped so that one supervised label fits).
+    `refusal_id >= 0` marks an RTO example.
+    """
+
+    tokens: np.ndarray  # int32 [n]
+    prompt_len: int
+    refusal_id: int = -1
+    cut_len: int = 0
+    max_cut: int = 0
+
+    @property
+    def is_rto(self) -> bool:
+        return self.refusal_id >= 0
+
+
+@dataclasses.dataclass
+class BuildStats:
+    examples: int = 0
+    truncated: int = 0  # kept, but the response was cut at max_length
+    dropped_no_supervised: int = 0  # the prompt alone fills max_length
+
+    def __str__(self) -> str:
+        return (f"{self.examples} examples, {self.truncated} truncated to fit, "
+                f"{self.dropped_no_supervised} dropped (no supervised token left)")
+
+
+def resolve_add_bos(tokenizer: Any, template_kind: str, add_bos: bool | None) -> bool:
+    if add_bos is None:
+        add_bos = template_kind == "base" and tokenizer.bos_token_id is not None
+    if add_bos and tokenizer.bos_token_id is None:
+        raise ValueError(f"add_bos=True but tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} "
+                         "has no bos_token_id")
+    return add_bos
+
+
+def _encode(tokenizer: Any, texts: list[str], bos: list[int]) -> list[list[int]]:
+    if not texts:
+        return []
+    return [bos + list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def build_examples(records: Sequence[DertaRecord], tokenizer: Any, max_length: int,
+                   refusal_id: int | None = None, template_kind: str = "base",
+                   add_bos: bool | None = None) -> tuple[list[TokenizedExample], BuildStats]:
+    """Tokenises records (see the module docstring); returns the kept examples and the counts."""
+    if max_length < 2:
+        raise ValueError(f"max_length={max_length} must be >= 2")
+    if refusal_id is None and any(r.safe for r in records):
+        raise ValueError("records contain RTO examples (safe=true) but no refusal_id was given")
+    bos = [tokenizer.bos_token_id] if resolve_add_bos(tokenizer, template_kind, add_bos) else []
+    prefixes = _encode(tokenizer, [r.prefix for r in records], bos)
+    plain = [i for i, r in enumerate(records) if not r.harmful]
+    cut = [i for i, r in enumerate(records) if r.harmful]
+    full = dict(zip(plain, _encode(tokenizer, [records[i].prefix + records[i].text for i in plain], bos)))
+    harmful = dict(zip(cut, _encode(tokenizer, [records[i].harmful for i in cut], [])))
+    texts = dict(zip(cut, _encode(tokenizer, [records[i].text for i in cut], [])))
+    stats, out = BuildStats(), []
+    for i, r in enumerate(records):
+        p = len(prefixes[i])
+        rid = refusal_id if r.safe else -1
+        if r.harmful:
+            ids = prefixes[i] + harmful[i] + texts[i]
+            n_cut = len(harmful[i])
+            natural = p + len(texts[i])  # length with k = 0
+            ex = TokenizedExample(np.asarray(ids, np.int32), p, rid, n_cut,
+                                  max(0, min(n_cut, max_length - 1 - p)))
+        else:
+            ids, natural = full[i], len(full[i])
+            ex = TokenizedExample(np.asarray(ids[:max_length], np.int32), p, rid)
+        if min(natural, max_length) - p < 1:
+            stats.dropped_no_supervised += 1
+            continue
+        stats.truncated += natural > max_length
+        out.append(ex)
+    stats.examples = len(out)
+    log.info("tokenised: %s", stats)
+    return out, stats
+
+
+def materialize(example: TokenizedExample, max_length: int, k: int = 0) -> dict[str, np.ndarray]:
+    """The example's [n] arrays (tokens, targets, loss_mask, rto_mask), n <= max_length.
+
+    `k`: how many harmful tokens a token-cut example keeps this epoch (0 <= k <= max_cut).
+    """
+    if not 0 <= k <= example.max_cut:
+        raise ValueError(f"cut k={k} outside [0, {example.max_cut}]")
+    p, ids = example.prompt_len, example.tokens
+    if example.cut_len:
+        ids = np.concatenate([ids[:p + k], ids[p + example.cut_len:]])
+        p += k
+    ids = ids[:max_length]
+    n = len(ids)
+    targets = np.zeros(n, np.int32)
+    targets[:-1] = ids[1:]
+    loss = np.zeros(n, bool)
+    loss[max(p - 1, 0):n - 1] = True
+    rto = loss & example.is_rto
+    if example.is_rto:
+        targets[rto] = example.refusal_id
+    return {"tokens": ids.astype(np.int32), "targets": targets, "loss_mask": loss, "rto_mask": rto}
