@@ -1,0 +1,190 @@
+"""Answering one test set: prompts -> generation -> judges and scores -> one JSON line per answer.
+
+Resumable: `<out>/<set name>.jsonl` is appended to after every batch; on a re-run the rows already
+there are skipped, a half-written last line (a run killed mid-write) is cut off, and rows that
+lack the verdict of a judge asked for now are judged again without regenerating.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any, Callable, Sequence
+
+from tqdm import tqdm
+
+from derta_jax.evaluation import scoring, tasks
+from derta_jax.evaluation.judges import Answer, Judge
+
+GenerateFn = Callable[..., list]  # the signature of derta_jax.evaluation.generation.generate
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalModel:
+    """What answering needs: the model, its tokenizer and a name for the report."""
+
+    name: str
+    cfg: Any
+    params: Any
+    tokenizer: Any
+    lora: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+    max_new_tokens: int = 1024  # the paper: max new tokens = block size
+    batch_size: int = 16
+    chat: bool = False
+    temperature: float = 0.0  # greedy, as the paper
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def output_path(out_dir: str | os.PathLike, test_set: tasks.TestSet) -> pathlib.Path:
+    return pathlib.Path(out_dir) / f"{test_set.name}.jsonl"
+
+
+def read_output(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows already written. A last line without its newline, or that does not parse, is a write
+    cut short: it is removed from the file. A bad line before the last one is an error."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    complete, tail = lines[:-1], lines[-1]  # tail: bytes after the last newline
+    rows: list[dict[str, Any]] = []
+    for lineno, line in enumerate(complete, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if lineno == len(complete) and not tail:
+                complete = complete[:-1]
+                break
+            raise ValueError(f"{path}:{lineno}: corrupt output row; delete the file to re-run "
+                             "this set") from None
+    kept = b"".join(line + b"\n" for line in complete)
+    if len(kept) != len(data):
+        path.write_bytes(kept)
+    return rows
+
+
+def _judges_for(test_set: tasks.TestSet, judges: Sequence[Judge]) -> list[Judge]:
+    if test_set.is_safety:
+        return list(judges)
+    if test_set.kind == tasks.OVERREFUSAL:
+        return [j for j in judges if j.name == "refusal"]
+    return []
+
+
+def _score(test_set: tasks.TestSet, example: dict[str, Any], response: str) -> dict[str, Any] | None:
+    if test_set.kind == tasks.GSM8K:
+        prediction = scoring.gsm8k_prediction(response)
+        return {"prediction": None if prediction is None else str(prediction),
+                "correct": scoring.gsm8k_correct(response, example["answer"])}
+    if test_set.kind == tasks.MMLU:
+        return {"prediction": scoring.mmlu_prediction(response),
+                "correct": scoring.mmlu_correct(response, example["answer"])}
+    return None
+
+
+def _strip_stop(token_ids: Sequence[int], stop: set[int]) -> list[int]:
+    ids = list(token_ids)
+    return ids[:-1] if ids and ids[-1] in stop else ids
+
+
+def _answer_batch(test_set, batch, model: EvalModel, options: DecodeOptions, judges, generate_fn):
+    """Generates, judges and scores one batch of (index, example); returns the output rows."""
+    stop = tasks.stop_ids(model.cfg, model.tokenizer)
+    prompts = [tasks.build_prompt(ex["question"], test_set.kind, model.tokenizer, options.chat)
+               for _, ex in batch]
+    prompt_ids = [tasks.encode_prompt(p, model.tokenizer, options.chat) for p in prompts]
+    outputs = generate_fn(model.params, model.cfg, prompt_ids,
+                          max_new_tokens=options.max_new_tokens, stop_ids=stop,
+                          batch_size=options.batch_size, temperature=options.temperature,
+                          top_p=options.top_p, seed=options.seed, lora=model.lora, progress=False)
+    rows = []
+    for (index, example), prompt, out in zip(batch, prompts, outputs):
+        ids = _strip_stop(out.token_ids, set(stop))
+        row = {"index": index, "set": test_set.name, "kind": test_set.kind,
+               "question": example["question"], "prompt": prompt,
+               "response": model.tokenizer.decode(ids, skip_special_tokens=True),
+               "num_tokens": len(ids), "finish_reason": out.finish_reason, "judges": {}}
+        if "answer" in example:
+            row["answer"] = example["answer"]
+        score = _score(test_set, example, row["response"])
+        if score is not None:
+            row["score"] = score
+        row["token_ids"] = ids
+        rows.append(row)
+    _judge_rows(rows, judges)
+    for row in rows:
+        del row["token_ids"]
+    return rows
+
+
+def _judge_rows(rows: list[dict[str, Any]], judges: Sequence[Judge]) -> None:
+    """Adds each judge's verdict to rows that lack it."""
+    for judge in judges:
+        todo = [r for r in rows if judge.name not in r["judges"]]
+        if not todo:
+            continue
+        answers = [Answer(r["question"], r["response"], tuple(r.get("token_ids", ()))) for r in todo]
+        for row, verdict in zip(todo, judge(answers)):
+            row["judges"][judge.name] = verdict
+
+
+def _check_same_set(path, test_set: tasks.TestSet, rows: list[dict[str, Any]]) -> None:
+    """Rows must answer the questions of this test file (rows past a smaller --limit are kept)."""
+    for row in rows:
+        i = row["index"]
+        if i < len(test_set.examples) and test_set.examples[i]["question"] != row["question"]:
+            raise ValueError(f"{path}: row {i} answers another question than example {i} of "
+                             f"{test_set.path}; use a fresh --out directory")
+
+
+def run_set(test_set: tasks.TestSet, model: EvalModel, out_dir: str | os.PathLike,
+            judges: Sequence[Judge], options: DecodeOptions = DecodeOptions(),
+            generate_fn: GenerateFn | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Answers the set's examples not yet in `<out_dir>/<name>.jsonl`; returns all its rows."""
+    path = output_path(out_dir, test_set)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = read_output(path)
+    _check_same_set(path, test_set, rows)
+    set_judges = _judges_for(test_set, judges)
+    if any(j.name not in r["judges"] for r in rows for j in set_judges):
+        _judge_rows(rows, set_judges)  # a judge added since the first run: no regeneration
+        _rewrite(path, rows)
+    done = {r["index"] for r in rows}
+    pending = [(i, ex) for i, ex in enumerate(test_set.examples) if i not in done]
+    if pending and generate_fn is None:
+        from derta_jax.evaluation.generation import generate as generate_fn
+    bar = tqdm(total=len(test_set.examples), initial=len(test_set.examples) - len(pending),
+               desc=test_set.name, unit="answer", disable=not progress)
+    with open(path, "a", encoding="utf-8") as f:
+        for start in range(0, len(pending), options.batch_size):
+            batch = pending[start:start + options.batch_size]
+            new = _answer_batch(test_set, batch, model, options, set_judges, generate_fn)
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in new)
+            f.flush()
+            rows.extend(new)
+            bar.update(len(batch))
+    bar.close()
+    return sorted(rows, key=lambda r: r["index"])
+
+
+def _rewrite(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_alpacaeval(out_dir: str | os.PathLike, rows: Sequence[dict[str, Any]],
+                     generator: str) -> pathlib.Path:
+    """AlpacaEval's model-outputs file (instruction, output, generator), for external judging."""
+    path = pathlib.Path(out_dir) / "alpacaeval_outputs.json"
+    records = [{"instruction": r["question"], "output": r["response"], "generator": generator}
+               for r in rows]
+    path.write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")
+    return path
