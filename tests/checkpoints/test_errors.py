@@ -1,0 +1,95 @@
+"""Every conversion error names what is wrong (tensor, file or value)."""
+import json
+import re
+import shutil
+
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from derta_jax.checkpoints.hf import load_hf
+
+
+def _rewrite(src, dst, edit):
+    """Copies a single-file checkpoint, passing its tensors dict through `edit`."""
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst)
+    with safe_open(src / "model.safetensors", "numpy") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(edit(tensors), dst / "model.safetensors")
+    return dst
+
+
+def test_pickle_weights_refused(hf_checkpoint, tmp_path):
+    folder, _ = hf_checkpoint("llama")
+    shutil.copy(folder / "config.json", tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin.*safetensors or GGUF only"):
+        load_hf(tmp_path, progress=False)
+
+
+def test_missing_tensor_named(hf_checkpoint, tmp_path):
+    folder, _ = hf_checkpoint("llama")
+    name = "model.layers.1.mlp.up_proj.weight"
+    bad = _rewrite(folder, tmp_path / "bad", lambda t: {k: v for k, v in t.items() if k != name})
+    with pytest.raises(ValueError, match=r"missing tensors.*" + re.escape(name)):
+        load_hf(bad, progress=False)
+
+
+def test_missing_expert_named(hf_checkpoint, tmp_path):
+    folder, _ = hf_checkpoint("mixtral")
+    name = "model.layers.0.block_sparse_moe.experts.3.w2.weight"
+    bad = _rewrite(folder, tmp_path / "bad", lambda t: {k: v for k, v in t.items() if k != name})
+    with pytest.raises(ValueError, match=r"missing tensors.*" + re.escape(name)):
+        load_hf(bad, progress=False)
+
+
+def test_unexpected_tensor_named(hf_checkpoint, tmp_path):
+    folder, _ = hf_checkpoint("llama")
+    name = "model.layers.0.self_attn.q_norm.weight"
+    bad = _rewrite(folder, tmp_path / "bad", lambda t: {**t, name: t["model.norm.weight"]})
+    with pytest.raises(ValueError, match=r"unexpected tensors.*" + re.escape(name)):
+        load_hf(bad, progress=False)
+
+
+def test_shape_mismatch_names_tensor_and_shapes(hf_checkpoint, tmp_path):
+    folder, _ = hf_checkpoint("llama")
+    shutil.copytree(folder, tmp_path / "bad")
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] = 40  # the files hold 48
+    (tmp_path / "bad" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"tensor 'model\.layers\.0\.mlp\.\w+_proj\.weight' in "
+                       r"model\.safetensors has shape \[\d+, \d+\], expected \[\d+, \d+\]"):
+        load_hf(tmp_path / "bad", progress=False)
+
+
+def test_unsupported_model_type_named(hf_checkpoint, tmp_path):
+    folder, _ = hf_checkpoint("llama")
+    shutil.copytree(folder, tmp_path / "bad")
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "qwen2"
+    (tmp_path / "bad" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"unsupported model_type 'qwen2'"):
+        load_hf(tmp_path / "bad", progress=False)
+
+
+def test_index_naming_missing_shard(hf_checkpoint, tmp_path):
+    _, model = hf_checkpoint("llama")
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(ValueError, match=re.escape(shard.name)):
+        load_hf(tmp_path, progress=False)
+
+
+def test_missing_config_json(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        load_hf(tmp_path, progress=False)
+
+
+def test_tied_checkpoint_with_lm_head_copy_is_accepted(hf_checkpoint, tmp_path):
+    folder, _ = hf_checkpoint("llama_tied")
+    ok = _rewrite(folder, tmp_path / "ok",
+                  lambda t: {**t, "lm_head.weight": t["model.embed_tokens.weight"]})
+    _, params = load_hf(ok, progress=False)
+    assert "lm_head" not in params
