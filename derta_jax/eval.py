@@ -1,0 +1,179 @@
+"""Evaluate a model on the DeRTa test sets, and compare runs.
+
+    python -m derta_jax.eval --checkpoint <model dir | training workdir> [--step N] \
+        --tests demo/eval/safety_completionattack.jsonl,demo/eval/helpfulness_gsm8k.jsonl \
+        --out runs/eval/smollm2 [--max-new-tokens 1024] [--limit N] [--batch-size 16] [--chat] \
+        [--judge refusal | refusal:<phrases.txt> | classifier:<model dir> | http:<url>[#model]] \
+        [--kind completionattack|safety|gsm8k|mmlu|alpacaeval|overrefusal[,...]]
+    python -m derta_jax.eval compare runs/eval/vanilla runs/eval/derta --out runs/eval/compare
+
+Writes `<out>/<set>.jsonl` (one line per answer: question, prompt, response, num_tokens,
+finish_reason, each judge's verdict, the GSM8K/MMLU score), `alpacaeval_outputs.json` for external
+judging, `report.json`, `report.md` and `report.png`. Greedy decoding by default. Re-running the
+same command resumes: answers already written are skipped. `compare` writes `compare.md`,
+`compare.json` and `compare.png`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+from typing import Any
+
+from derta_jax.evaluation import judges as judges_lib
+from derta_jax.evaluation import report, runner, tasks
+
+RUN_FILE = "run.json"
+# Settings that change the answers: a resumed run must use the same ones.
+_ANSWER_SETTINGS = ("checkpoint", "step", "chat", "max_new_tokens", "temperature", "top_p", "seed")
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m derta_jax.eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, type=pathlib.Path,
+                   help="a model dir, or a training workdir (latest step unless --step)")
+    p.add_argument("--step", type=int, default=None, help="training workdir step to evaluate")
+    p.add_argument("--tests", required=True, help="comma-separated JSON-lines test files")
+    p.add_argument("--out", required=True, type=pathlib.Path, help="output directory")
+    p.add_argument("--kind", default=None,
+                   help=f"kind of every test file, or one per file ({', '.join(tasks.KINDS)}); "
+                        "default: from the file names")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--limit", type=int, default=None, help="first N examples of each set")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--chat", action="store_true", help="use the tokenizer's chat template")
+    p.add_argument("--judge", action="append", default=None,
+                   help="repeatable or comma-separated; the first one defines ASR "
+                        "(default: refusal)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="cast the parameters on load (default: as stored)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    for name in ("max_new_tokens", "batch_size", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    return args
+
+
+def resolve_checkpoint(path: pathlib.Path, step: int | None, dtype: str | None) -> runner.EvalModel:
+    """Loads a model dir, or one step of a training workdir, with its tokenizer.
+
+    Training workdirs (`<workdir>/checkpoints/<step>/`, `<workdir>/model/`) need the trainer's
+    checkpoint reader: this is the one place that calls it.
+    """
+    from derta_jax.checkpoints.model_dir import load_model_dir, load_tokenizer
+    if (path / "model_config.json").exists() and (path / "params").exists():
+        if step is not None:
+            raise ValueError(f"--step {step} given, but {path} is a model dir, not a training workdir")
+        cfg, params = load_model_dir(path, dtype=dtype)
+        return runner.EvalModel(path.name, cfg, params, load_tokenizer(path))
+    if (path / "checkpoints").is_dir() and (path / "model").is_dir():
+        # TODO(engineer E's checkpoint code): restore params (+ lora) of `step` (latest if None).
+        raise ValueError(f"{path} is a training workdir; restoring its checkpoints is not wired "
+                         "yet: export it to a model dir and pass that")
+    raise ValueError(f"--checkpoint {path}: neither a model dir (model_config.json + params/) nor "
+                     "a training workdir (checkpoints/ + model/)")
+
+
+def _kinds(args: argparse.Namespace, files: list[str]) -> list[str | None]:
+    if args.kind is None:
+        return [None] * len(files)
+    kinds = args.kind.split(",")
+    if len(kinds) == 1:
+        return kinds * len(files)
+    if len(kinds) != len(files):
+        raise ValueError(f"--kind has {len(kinds)} entries for {len(files)} --tests files")
+    return kinds
+
+
+def _judge_specs(args: argparse.Namespace) -> list[str]:
+    specs = [s for arg in (args.judge or ["refusal"]) for s in arg.split(",") if s]
+    if not any(s.split(":")[0] == "refusal" for s in specs):
+        specs.append("refusal")  # always: refusal positions and over-refusal need it
+    return specs
+
+
+def _load_run(out: pathlib.Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """run.json of the out dir; refuses to mix answers made with other settings."""
+    path = out / RUN_FILE
+    if not path.exists():
+        return {**settings, "sets": {}}
+    run = json.loads(path.read_text())
+    changed = [k for k in _ANSWER_SETTINGS if run.get(k) != settings[k]]
+    if changed:
+        raise ValueError(f"{out} holds answers made with other settings ({', '.join(f'{k}: {run.get(k)!r} -> {settings[k]!r}' for k in changed)}); "
+                         "use another --out")
+    return {**run, **settings, "sets": run["sets"]}
+
+
+def evaluate(argv: list[str]) -> dict[str, Any]:
+    args = _parse(argv)
+    files = [f for f in args.tests.split(",") if f]
+    test_sets = [tasks.load_test_set(f, k, args.limit) for f, k in zip(files, _kinds(args, files))]
+    specs = _judge_specs(args)
+    settings = {"checkpoint": str(args.checkpoint.absolute()), "step": args.step, "chat": args.chat,
+                "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                "top_p": args.top_p, "seed": args.seed}
+    args.out.mkdir(parents=True, exist_ok=True)
+    run = _load_run(args.out, settings)
+    model = resolve_checkpoint(args.checkpoint, args.step, args.dtype)
+    model_name = model.name if args.step is None else f"{model.name}@{args.step}"
+    judges = [judges_lib.make_judge(s, model.tokenizer, args.batch_size) for s in specs]
+    options = runner.DecodeOptions(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                   chat=args.chat, temperature=args.temperature,
+                                   top_p=args.top_p, seed=args.seed)
+    for ts in test_sets:
+        before = len(runner.read_output(runner.output_path(args.out, ts)))
+        start = time.perf_counter()
+        rows = runner.run_set(ts, model, args.out, judges, options, progress=not args.no_progress)
+        seconds = time.perf_counter() - start
+        run["sets"][ts.name] = {"kind": ts.kind, "path": ts.path, "answered_now": len(rows) - before,
+                                "seconds": round(seconds, 2)}
+        if len(rows) > before:
+            run["sets"][ts.name]["answers_per_minute"] = round(60 * (len(rows) - before) / seconds, 2)
+        if ts.kind == tasks.ALPACAEVAL:
+            runner.write_alpacaeval(args.out, rows, model_name)
+    run["model"] = model_name
+    (args.out / RUN_FILE).write_text(json.dumps(run, indent=2))
+    return write_run_report(args.out, run, primary_judge=specs[0].split(":")[0])
+
+
+def write_run_report(out: pathlib.Path, run: dict[str, Any], primary_judge: str) -> dict[str, Any]:
+    """report.json/md/png from every set this out dir has answers for."""
+    results = {name: (s["kind"], runner.read_output(out / f"{name}.jsonl"))
+               for name, s in run["sets"].items()}
+    rep = report.build_report(run["model"], primary_judge, results)
+    rep["throughput"] = {name: s.get("answers_per_minute") for name, s in run["sets"].items()}
+    report.write_report(out, rep)
+    return rep
+
+
+def _compare(argv: list[str]) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(prog="python -m derta_jax.eval compare",
+                                description="Put several eval runs' reports side by side.")
+    p.add_argument("runs", nargs="+", type=pathlib.Path, help="eval output dirs (with report.json)")
+    p.add_argument("--out", required=True, type=pathlib.Path)
+    args = p.parse_args(argv)
+    return report.compare(args.runs, args.out)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:
+        reports = _compare(argv[1:])
+        print(report.markdown(reports))
+        return reports
+    rep = evaluate(argv)
+    print(report.markdown([rep]))
+    return rep
+
+
+if __name__ == "__main__":
+    main()
