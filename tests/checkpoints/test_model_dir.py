@@ -1,0 +1,60 @@
+"""Model dir round trip (Orbax params, model_config.json, tokenizer), casting and sharding."""
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+from transformers import AutoTokenizer
+
+from derta_jax.checkpoints.hf import load_hf
+from derta_jax.checkpoints.model_dir import load_model_dir, load_tokenizer, save_model_dir
+
+
+@pytest.fixture(scope="module")
+def saved(hf_checkpoint, llama3_tokenizer_dir, tmp_path_factory):
+    folder, _ = hf_checkpoint("mixtral")
+    cfg, params = load_hf(folder, progress=False)
+    out = save_model_dir(tmp_path_factory.mktemp("md") / "model", cfg, params,
+                         AutoTokenizer.from_pretrained(llama3_tokenizer_dir))
+    return out, cfg, params
+
+
+def test_round_trip(saved):
+    out, cfg, params = saved
+    cfg2, params2 = load_model_dir(out)
+    assert cfg2 == cfg
+    assert jax.tree.structure(params2) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(params2), jax.tree.leaves(params)):
+        assert isinstance(a, jax.Array) and a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), b)
+    assert load_tokenizer(out)("Sorry", add_special_tokens=False)["input_ids"] == [19701]
+
+
+def test_restore_casts_and_shards(saved):
+    out, cfg, params = saved
+    mesh = jax.make_mesh((8,), ("fsdp",))
+    shardings = jax.tree.map(
+        lambda x: NamedSharding(mesh, P("fsdp") if x.shape[0] % 8 == 0 else P()), params)
+    cfg2, params2 = load_model_dir(out, dtype="bfloat16", shardings=shardings)
+    assert cfg2.param_dtype == "bfloat16" and cfg2.replace(param_dtype="float32") == cfg
+    embed = params2["embed_tokens"]["embedding"]
+    assert embed.dtype == jax.numpy.bfloat16 and embed.sharding == shardings["embed_tokens"]["embedding"]
+    assert len(embed.addressable_shards) == 8 and embed.addressable_shards[0].data.shape[0] == 96 // 8
+    np.testing.assert_array_equal(np.asarray(embed, np.float32),
+                                  params["embed_tokens"]["embedding"].astype(jax.numpy.bfloat16).astype(np.float32))
+
+
+def test_not_a_model_dir_says_what_is_missing(saved, tmp_path):
+    with pytest.raises(ValueError, match="model_config.json is missing"):
+        load_model_dir(tmp_path)
+    out, cfg, _ = saved
+    save_model_dir(tmp_path / "no_params", cfg, None, None)
+    with pytest.raises(ValueError, match="params is missing"):
+        load_model_dir(tmp_path / "no_params")
+    with pytest.raises(ValueError, match="tokenizer_config.json is missing"):
+        load_tokenizer(tmp_path / "no_params")
+
+
+def test_refuses_to_overwrite_params(saved):
+    out, cfg, params = saved
+    with pytest.raises(ValueError, match="params already exists"):
+        save_model_dir(out, cfg, params, None)
