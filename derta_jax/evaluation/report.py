@@ -64,7 +64,7 @@ def table_row(sets: dict[str, dict[str, Any]]) -> dict[str, float | None]:
             row[ATTACK_COLUMNS.get(name, name)] = m["asr"]
     for name, m in sets.items():
         if m["kind"] in (tasks.GSM8K, tasks.MMLU):
-            row[HELPFUL_COLUMNS[m["kind"]]] = m["accuracy"]
+            row[HELPFUL_COLUMNS.get(name, name)] = m["accuracy"]
         elif m["kind"] == tasks.ALPACAEVAL:
             row[HELPFUL_COLUMNS["alpacaeval"]] = None  # judged externally
         elif m["kind"] == tasks.OVERREFUSAL:

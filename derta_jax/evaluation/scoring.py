@@ -20,8 +20,11 @@ def _to_decimal(text: str) -> Decimal | None:
 
 
 def gsm8k_reference(answer: str) -> Decimal:
-    """The number after `#### ` in a GSM8K reference answer."""
+    """The number after `#### ` in a GSM8K reference answer, or the answer itself when it is
+    just a number (e.g. "144")."""
     match = _REFERENCE_RE.search(answer)
+    if match is None and re.fullmatch(_NUMBER, answer.strip()):
+        return _to_decimal(answer.strip())
     value = _to_decimal(match.group(1)) if match else None
     if value is None:
         raise ValueError(f"GSM8K answer has no '#### <number>': {answer[-80:]!r}")

@@ -3,7 +3,8 @@ protocol").
 
 A test file is JSON lines with a `question` and, for GSM8K and MMLU, an `answer`. Its kind comes
 from `--kind` or from the file name: `safety_<attack>.jsonl`, `helpfulness_<gsm8k|mmlu|alpacaeval|
-overrefusal>.jsonl`. The set's name (its report column) is the file stem without that prefix.
+overrefusal|arithmetic>.jsonl` (arithmetic: the demo's additions, scored like GSM8K). The set's
+name (its report column) is the file stem without that prefix.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ OVERREFUSAL = "overrefusal"  # helpful prompts; score = share refused
 KINDS = (COMPLETION_ATTACK, SAFETY, GSM8K, MMLU, ALPACAEVAL, OVERREFUSAL)
 SAFETY_KINDS = (COMPLETION_ATTACK, SAFETY)
 _HELPFULNESS_KINDS = (GSM8K, MMLU, ALPACAEVAL, OVERREFUSAL)
+# Other helpfulness set names and the kind they are scored as.
+_NAMED_KINDS = {"arithmetic": GSM8K}  # demo: {question, answer: "144"}, final-number match
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +62,8 @@ def infer_kind(path: str | os.PathLike, kind: str | None = None) -> str:
         return COMPLETION_ATTACK if name == COMPLETION_ATTACK else SAFETY
     if stem.startswith("helpfulness_") and name in _HELPFULNESS_KINDS:
         return name
+    if stem.startswith("helpfulness_") and name in _NAMED_KINDS:
+        return _NAMED_KINDS[name]
     raise ValueError(
         f"cannot tell the kind of test set {path}: name it safety_<attack>.jsonl or "
         f"helpfulness_<{'|'.join(_HELPFULNESS_KINDS)}>.jsonl, or pass --kind "

@@ -33,6 +33,7 @@ def results():
         "pair": ("safety", [row("safety", 3), row("safety", None)]),
         "gsm8k": ("gsm8k", [row("gsm8k", correct=True), row("gsm8k", correct=False),
                             row("gsm8k", correct=False), row("gsm8k", correct=False)]),
+        "arithmetic": ("gsm8k", [row("gsm8k", correct=True), row("gsm8k", correct=True)]),
         "overrefusal": ("overrefusal", [row("overrefusal", 2), row("overrefusal", None),
                                         row("overrefusal", None), row("overrefusal", None),
                                         row("overrefusal", None)]),
@@ -46,8 +47,8 @@ def test_build_report_refusal_judge(results):
     assert comp["asr"] == 25.0  # 1 of 4 complied
     assert comp["asr_first5"] == 75.0  # only the position-1 refusal is within 5 tokens
     assert comp["truncated"] == 25.0 and comp["mean_tokens"] == 15.0
-    assert rep["table"] == {"Comp": 25.0, "PAIR": 50.0, "GSM8K": 25.0, "Over-refusal": 20.0,
-                            "Alpaca": None}
+    assert rep["table"] == {"Comp": 25.0, "PAIR": 50.0, "GSM8K": 25.0, "arithmetic": 100.0,
+                            "Over-refusal": 20.0, "Alpaca": None}
     # Refusals to safety prompts: positions 1, 12, 40 (completionattack) and 3 (pair).
     assert rep["refusal_positions"] == {"count": 4, "share": {"1": 25.0, "2-5": 25.0,
                                                                "6-30": 25.0, ">30": 25.0}}
@@ -65,8 +66,8 @@ def test_build_report_classifier_primary(results):
 def test_markdown_columns_in_paper_order(results):
     rep = report.build_report("m", "refusal", results)
     header = report.markdown([rep]).splitlines()[4]
-    assert header == "| model | PAIR | Comp | GSM8K | Alpaca | Over-refusal |"
-    assert "| m | 50.0 | 25.0 | 25.0 | - | 20.0 |" in report.markdown([rep])
+    assert header == "| model | PAIR | Comp | arithmetic | GSM8K | Alpaca | Over-refusal |"
+    assert "| m | 50.0 | 25.0 | 100.0 | 25.0 | - | 20.0 |" in report.markdown([rep])
 
 
 def test_write_and_compare(tmp_path, results):

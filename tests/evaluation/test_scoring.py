@@ -15,6 +15,7 @@ from derta_jax.evaluation import scoring
     ("It is .5 of the cake", "#### 0.5", True),
     ("The answer is $12.", "#### 12", True),
     ("First 20, then 30, so the answer is 25. Check: 25 + 5 = 30", "#### 25", True),
+    ("87 plus 57 is 144.", "144", True),  # a bare-number reference (the demo's arithmetic)
     ("I am not sure.", "#### 7", False),
     ("The answer is 17.", "#### 18", False),
     ("The change is -3.", "#### 3", False),  # the sign counts
@@ -28,6 +29,8 @@ def test_gsm8k_prediction_and_reference():
     assert scoring.gsm8k_prediction("2 cats, 10,000 dogs") == Decimal(10000)
     with pytest.raises(ValueError, match="####"):
         scoring.gsm8k_reference("The answer is 5")
+    with pytest.raises(ValueError, match="####"):
+        scoring.gsm8k_reference("")
 
 
 @pytest.mark.parametrize("response, letter", [

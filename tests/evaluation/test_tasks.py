@@ -14,6 +14,7 @@ from derta_jax.models.config import preset
     ("data/safety_pair.json", "safety", "pair"),
     ("helpfulness_gsm8k.jsonl", "gsm8k", "gsm8k"),
     ("helpfulness_mmlu.jsonl", "mmlu", "mmlu"),
+    ("demo/eval/helpfulness_arithmetic.jsonl", "gsm8k", "arithmetic"),
     ("helpfulness_alpacaeval.jsonl", "alpacaeval", "alpacaeval"),
     ("demo/eval/helpfulness_overrefusal.jsonl", "overrefusal", "overrefusal"),
 ])
