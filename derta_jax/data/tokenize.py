@@ -9,9 +9,11 @@ Rules (the official `preprocess_function`, plus what it leaves open):
 - BOS, decided here and not by the tokenizer: text is always encoded with
   `add_special_tokens=False`, then `bos_token_id` is prepended when `add_bos` is true. The default
   (`add_bos=None`) prepends it for the base template (the official LLaMA-3 runs had one: their
-  tokenizer's post-processor added `<|begin_of_text|>`) and never for the chat template, whose
-  text already carries whatever BOS the model wants (LLaMA-3's `{{ bos_token }}`). Tokenizers
-  whose post-processor adds a BOS and those that do not therefore give the same ids.
+  tokenizer's post-processor added `<|begin_of_text|>`) unless the tokenizer's chat template
+  writes that token literally as a turn marker (SmolLM2's bos is `<|im_start|>`, not a document
+  start), and never for the chat template, whose text already carries whatever BOS the model
+  wants (LLaMA-3's `{{ bos_token }}`). Tokenizers whose post-processor adds a BOS and those that
+  do not therefore give the same ids.
 - Alignment (architecture.md, "Data"): the logits at position t predict `targets[t]`, which is
   tokens[t + 1]; `loss_mask[t]` is set when label t + 1 is supervised. For an RTO record
   (`safe`) every supervised target is the refusal id and `rto_mask = loss_mask`: the positions
@@ -67,7 +69,9 @@ class BuildStats:
 
 def resolve_add_bos(tokenizer: Any, template_kind: str, add_bos: bool | None) -> bool:
     if add_bos is None:
-        add_bos = template_kind == "base" and tokenizer.bos_token_id is not None
+        bos = tokenizer.bos_token
+        turn_marker = bool(bos) and bos in (getattr(tokenizer, "chat_template", None) or "")
+        add_bos = template_kind == "base" and tokenizer.bos_token_id is not None and not turn_marker
     if add_bos and tokenizer.bos_token_id is None:
         raise ValueError(f"add_bos=True but tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} "
                          "has no bos_token_id")
