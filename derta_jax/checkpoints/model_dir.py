@@ -21,13 +21,18 @@ from derta_jax.models.config import ModelConfig
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
+# Bounds Orbax's in-flight bytes while writing, so saving adds at most this much host memory.
+SAVE_CONCURRENT_GB = 1
 
 
 def save_model_dir(out: str | os.PathLike, cfg: ModelConfig, params: Any | None,
                    tokenizer: PreTrainedTokenizerBase | None) -> pathlib.Path:
     """Writes `out/model_config.json`, `out/params/` (unless params is None) and the tokenizer.
 
-    `params` is the canonical tree (numpy or jax arrays). Refuses to overwrite existing params.
+    `params` is the canonical tree (numpy or jax arrays). Numpy leaves are handed to Orbax as
+    arrays on the host CPU device (which aliases their memory: measured, no copy) and written
+    synchronously without OCDBT: the async OCDBT save measured ~1.5x the tree in extra host memory.
+    Refuses to overwrite existing params.
     """
     out = pathlib.Path(out).absolute()
     if (out / PARAMS_DIR).exists():
@@ -37,9 +42,12 @@ def save_model_dir(out: str | os.PathLike, cfg: ModelConfig, params: Any | None,
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     if params is not None:
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(out / PARAMS_DIR, params)
-        checkpointer.wait_until_finished()
+        cpu = jax.devices("cpu")[0]
+        params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x, cpu),
+                              params)
+        checkpointer = ocp.Checkpointer(
+            ocp.StandardCheckpointHandler(save_concurrent_gb=SAVE_CONCURRENT_GB, use_ocdbt=False))
+        checkpointer.save(out / PARAMS_DIR, args=ocp.args.StandardSave(params))
     return out
 
 
