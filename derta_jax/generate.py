@@ -1,0 +1,92 @@
+"""Generate answers for a JSON-lines file of prompts with a converted model.
+
+    python -m derta_jax.generate --checkpoint MODEL_DIR --prompts in.jsonl --out out.jsonl \
+        --max-new-tokens N [--chat] [--temperature T --top-p P] [--batch-size B] [--dtype D]
+
+Each input line needs a "prompt". Each output line: prompt, response, num_tokens, finish_reason
+("stop" or "length"). Greedy by default. Without --chat the prompt is tokenised as transformers'
+tokenizer does by default (its BOS rule); with --chat it goes through the tokenizer's chat template
+with a generation prompt. Generation stops at the model's eos ids, the tokenizer's eos and the
+end-of-turn tokens (`<|eot_id|>`, `<|im_end|>`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from typing import Any
+
+from derta_jax.checkpoints.model_dir import load_model_dir, load_tokenizer
+from derta_jax.evaluation.generation import generate
+from derta_jax.evaluation.tasks import stop_ids
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m derta_jax.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=pathlib.Path, required=True, help="a model dir")
+    p.add_argument("--prompts", type=pathlib.Path, required=True, help='jsonl with a "prompt" per line')
+    p.add_argument("--out", type=pathlib.Path, required=True, help="jsonl to write")
+    p.add_argument("--max-new-tokens", type=int, required=True)
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="compute and parameter dtype (default: as stored)")
+    return p.parse_args(argv)
+
+
+def read_prompts(path: pathlib.Path) -> list[str]:
+    prompts = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f'{path}:{n}: expected an object with a string "prompt"')
+            prompts.append(record["prompt"])
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
+
+
+def encode(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
+    """Token ids as transformers makes them: the chat template's text (which carries its own
+    special tokens) or the tokenizer's default encoding of the raw prompt."""
+    if not chat:
+        return list(tokenizer(prompt)["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--chat needs a tokenizer with a chat_template (tokenizer_config.json)")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = _parse(argv)
+    prompts = read_prompts(args.prompts)
+    cfg, params = load_model_dir(args.checkpoint, dtype=args.dtype)
+    if args.dtype is not None:
+        cfg = cfg.replace(dtype=args.dtype)
+    tokenizer = load_tokenizer(args.checkpoint)
+    ids = [encode(tokenizer, p, args.chat) for p in prompts]
+    outs = generate(params, cfg, ids, max_new_tokens=args.max_new_tokens,
+                    stop_ids=stop_ids(cfg, tokenizer), batch_size=args.batch_size,
+                    temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    rows = [{"prompt": p, "response": tokenizer.decode(g.token_ids, skip_special_tokens=True),
+             "num_tokens": len(g.token_ids), "finish_reason": g.finish_reason}
+            for p, g in zip(prompts, outs)]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(f"wrote {len(rows)} answers to {args.out}", file=sys.stderr)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
