@@ -89,11 +89,6 @@ def _score(test_set: tasks.TestSet, example: dict[str, Any], response: str) -> d
     return None
 
 
-def _strip_stop(token_ids: Sequence[int], stop: set[int]) -> list[int]:
-    ids = list(token_ids)
-    return ids[:-1] if ids and ids[-1] in stop else ids
-
-
 def _answer_batch(test_set, batch, model: EvalModel, options: DecodeOptions, judges, generate_fn):
     """Generates, judges and scores one batch of (index, example); returns the output rows."""
     stop = tasks.stop_ids(model.cfg, model.tokenizer)
@@ -106,7 +101,7 @@ def _answer_batch(test_set, batch, model: EvalModel, options: DecodeOptions, jud
                           top_p=options.top_p, seed=options.seed, lora=model.lora, progress=False)
     rows = []
     for (index, example), prompt, out in zip(batch, prompts, outputs):
-        ids = _strip_stop(out.token_ids, set(stop))
+        ids = list(out.token_ids)  # the stop token is not part of it
         row = {"index": index, "set": test_set.name, "kind": test_set.kind,
                "question": example["question"], "prompt": prompt,
                "response": model.tokenizer.decode(ids, skip_special_tokens=True),

@@ -13,8 +13,11 @@ import json
 import os
 from typing import Any
 
-# The official base template (sic: a backslash in the closing tag).
-BASE_TEMPLATE = "[INST] \n{question}\n\n [\\INST]"
+from derta_jax.data.templates import EVAL_PROMPT
+from derta_jax.data.tokenize import resolve_add_bos
+
+# The official evaluation template (sic: a backslash in the closing tag), shared with the data.
+BASE_TEMPLATE = EVAL_PROMPT
 
 COMPLETION_ATTACK = "completionattack"  # safety; the question is a harmful text fed raw
 SAFETY = "safety"  # every other attack / harmful-question set
@@ -123,9 +126,12 @@ def build_prompt(question: str, kind: str, tokenizer: Any = None, chat: bool = F
 
 
 def encode_prompt(prompt: str, tokenizer: Any, chat: bool) -> list[int]:
-    """Token ids of a prompt: special tokens (BOS) from the tokenizer for base prompts, from the
-    chat template (already in the text) for chat prompts."""
-    return list(tokenizer(prompt, add_special_tokens=not chat)["input_ids"])
+    """Token ids of a prompt, with BOS decided as for the training data (`data.tokenize`): the
+    base template gets the tokenizer's BOS unless that token is a chat-turn marker; chat prompts
+    carry in their text whatever BOS the template writes."""
+    bos = [tokenizer.bos_token_id] if resolve_add_bos(tokenizer, "chat" if chat else "base",
+                                                      None) else []
+    return bos + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
 
 def stop_ids(cfg: Any, tokenizer: Any) -> tuple[int, ...]:

@@ -75,6 +75,8 @@ def test_chat_prompts(tokenizer):
         head + "<|eot_id|>" + assistant + "Step 1: buy")
     ids = tasks.encode_prompt(head + "Hi<|eot_id|>", tokenizer, chat=True)
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+    ids = tasks.encode_prompt("[INST] \nHi\n\n [\\INST]", tokenizer, chat=False)
+    assert ids[:2] == [tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids("[")]
 
 
 def test_chat_needs_template(tokenizer):
