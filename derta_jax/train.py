@@ -1,0 +1,67 @@
+"""Train a model with DeRTa: `python -m derta_jax.train --config=configs/llama3.py:8b --workdir DIR`.
+
+Every config key can be overridden (`--config.train.steps=100`). Multi-host: pass --coordinator
+HOST:PORT --num_processes N --process_id I on every process (launch/ scripts do); only process 0
+writes logs. See derta_jax/training/loop.py for what a workdir holds.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+import jax
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from derta_jax.training import loop
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:variant]", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run folder (checkpoints, metrics, model/)")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "jax.distributed coordinator HOST:PORT")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "jax.distributed process count")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's id in [0, num_processes)")
+
+
+def init_distributed(coordinator: str | None, num_processes: int | None,
+                     process_id: int | None) -> None:
+    """jax.distributed.initialize when a coordinator is given (gloo collectives on CPU)."""
+    given = [v is not None for v in (coordinator, num_processes, process_id)]
+    if not any(given):
+        return
+    if not all(given):
+        raise app.UsageError("--coordinator, --num_processes and --process_id go together")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save step at INFO
+    logging.getLogger("derta_jax").setLevel(
+        logging.INFO if jax.process_index() == 0 else logging.WARNING)
+    metrics = loop.train(_CONFIG.value, _WORKDIR.value)
+    if jax.process_index() == 0:
+        print({k: round(v, 4) for k, v in metrics.items()})
+
+
+def _dashes_to_underscores(argv: list[str]) -> list[str]:
+    """Accepts --num-processes / --process-id as well as the absl spelling."""
+    out = []
+    for a in argv:
+        for dashed in ("--num-processes", "--process-id"):
+            if a == dashed or a.startswith(dashed + "="):
+                a = a.replace(dashed, dashed.replace("-", "_").replace("__", "--"), 1)
+        out.append(a)
+    return out
+
+
+def run() -> None:
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main, argv=_dashes_to_underscores(sys.argv))
+
+
+if __name__ == "__main__":
+    run()
