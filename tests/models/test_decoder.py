@@ -175,3 +175,22 @@ def test_lm_head_weight_gives_the_logits(dense):
     logits, _ = _run(tied, tied_vars, tokens)
     hidden, _ = _run(tied, tied_vars, tokens, return_hidden=True)
     np.testing.assert_allclose(hidden @ lm_head_weight(tied_vars["params"], tied), logits, atol=1e-5)
+
+
+def test_bfloat16_compute_stays_close_to_float32(dense):
+    tokens = _tokens(batch=1)
+    full, _ = _run(TINY, dense, tokens)
+    bf16, _ = _run(TINY.replace(dtype="bfloat16"), dense, tokens)
+    assert bf16.dtype == jnp.float32
+    rel = np.max(np.abs(bf16 - full)) / np.max(np.abs(full))
+    assert 0 < rel < 5e-2
+
+
+def test_attention_implementation_choice():
+    from derta_jax.models.attention import implementation
+
+    assert implementation(TINY.replace(attention_impl="xla")) == "xla"
+    assert implementation(TINY.replace(attention_impl="cudnn")) == "cudnn"
+    assert implementation(TINY.replace(dtype="bfloat16")) == ("cudnn" if jax.default_backend() == "gpu" else "xla")
+    with pytest.raises(ValueError, match="attention_impl='flash'"):
+        implementation(TINY.replace(attention_impl="flash"))
