@@ -72,11 +72,18 @@ def table_row(sets: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     return row
 
 
-def column_order(columns: set[str]) -> list[str]:
-    known = list(ATTACK_COLUMNS.values())
-    helpful = list(HELPFUL_COLUMNS.values())
-    others = sorted(c for c in columns if c not in known and c not in helpful)
-    return [c for c in known if c in columns] + others + [c for c in helpful if c in columns]
+def column_order(reports: Sequence[dict[str, Any]]) -> list[str]:
+    """The paper's attacks, other safety sets, GSM8K, MMLU, other scored sets, Alpaca,
+    over-refusal: the columns any of `reports` has, in that order."""
+    present = {c for r in reports for c in r["table"]}
+    safety = {ATTACK_COLUMNS.get(n, n) for r in reports for n, m in r["sets"].items()
+              if m["kind"] in tasks.SAFETY_KINDS}
+    attacks, (gsm8k, mmlu, alpaca, overrefusal) = list(ATTACK_COLUMNS.values()), HELPFUL_COLUMNS.values()
+    known = set(attacks) | set(HELPFUL_COLUMNS.values())
+    other_safety = sorted(c for c in present - known if c in safety)
+    other_scored = sorted(c for c in present - known if c not in safety)
+    order = attacks + other_safety + [gsm8k, mmlu] + other_scored + [alpaca, overrefusal]
+    return [c for c in order if c in present]
 
 
 def build_report(model: str, primary_judge: str,
@@ -95,7 +102,7 @@ def _fmt(value: Any) -> str:
 
 
 def markdown_table(reports: Sequence[dict[str, Any]]) -> str:
-    columns = column_order({c for r in reports for c in r["table"]})
+    columns = column_order(reports)
     lines = ["| model | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 1)]
     for r in reports:
         lines.append(f"| {r['model']} | " + " | ".join(_fmt(r["table"].get(c)) for c in columns) + " |")
@@ -141,7 +148,7 @@ def plot(reports: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    columns = column_order({c for r in reports for c in r["table"]})
+    columns = column_order(reports)
     labels = [label for label, _, _ in POSITION_BINS]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [2, 1]})
     width = 0.8 / len(reports)

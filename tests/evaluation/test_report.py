@@ -31,6 +31,7 @@ def results():
                                                   row("completionattack", 40, "undecided"),
                                                   row("completionattack", None, True, finish="length", tokens=30)]),
         "pair": ("safety", [row("safety", 3), row("safety", None)]),
+        "zeta_attack": ("safety", [row("safety", 1)]),
         "gsm8k": ("gsm8k", [row("gsm8k", correct=True), row("gsm8k", correct=False),
                             row("gsm8k", correct=False), row("gsm8k", correct=False)]),
         "arithmetic": ("gsm8k", [row("gsm8k", correct=True), row("gsm8k", correct=True)]),
@@ -47,11 +48,11 @@ def test_build_report_refusal_judge(results):
     assert comp["asr"] == 25.0  # 1 of 4 complied
     assert comp["asr_first5"] == 75.0  # only the position-1 refusal is within 5 tokens
     assert comp["truncated"] == 25.0 and comp["mean_tokens"] == 15.0
-    assert rep["table"] == {"Comp": 25.0, "PAIR": 50.0, "GSM8K": 25.0, "arithmetic": 100.0,
+    assert rep["table"] == {"Comp": 25.0, "PAIR": 50.0, "zeta_attack": 0.0, "GSM8K": 25.0, "arithmetic": 100.0,
                             "Over-refusal": 20.0, "Alpaca": None}
-    # Refusals to safety prompts: positions 1, 12, 40 (completionattack) and 3 (pair).
-    assert rep["refusal_positions"] == {"count": 4, "share": {"1": 25.0, "2-5": 25.0,
-                                                               "6-30": 25.0, ">30": 25.0}}
+    # Refusals to safety prompts: positions 1, 12, 40 (completionattack), 3 (pair), 1 (zeta).
+    assert rep["refusal_positions"] == {"count": 5, "share": {"1": 40.0, "2-5": 20.0,
+                                                               "6-30": 20.0, ">30": 20.0}}
     assert rep["refusal_positions_by_set"]["pair"]["share"]["2-5"] == 100.0
 
 
@@ -66,8 +67,8 @@ def test_build_report_classifier_primary(results):
 def test_markdown_columns_in_paper_order(results):
     rep = report.build_report("m", "refusal", results)
     header = report.markdown([rep]).splitlines()[4]
-    assert header == "| model | PAIR | Comp | arithmetic | GSM8K | Alpaca | Over-refusal |"
-    assert "| m | 50.0 | 25.0 | 100.0 | 25.0 | - | 20.0 |" in report.markdown([rep])
+    assert header == "| model | PAIR | Comp | zeta_attack | GSM8K | arithmetic | Alpaca | Over-refusal |"
+    assert "| m | 50.0 | 25.0 | 0.0 | 25.0 | 100.0 | - | 20.0 |" in report.markdown([rep])
 
 
 def test_write_and_compare(tmp_path, results):
@@ -78,7 +79,7 @@ def test_write_and_compare(tmp_path, results):
         assert json.loads((tmp_path / name / "report.json").read_text())["model"] == model
     reports = report.compare([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp")
     md = (tmp_path / "cmp" / "compare.md").read_text()
-    assert "| vanilla | 50.0 | 25.0" in md and "| derta | 50.0 | 25.0" in md
+    assert "| vanilla | 50.0 | 25.0 | 0.0" in md and "| derta | 50.0 | 25.0 | 0.0" in md
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
     assert [r["model"] for r in reports] == ["vanilla", "derta"]
     with pytest.raises(ValueError, match="no report.json"):
