@@ -26,7 +26,7 @@ import numpy as np
 
 from derta_jax.evaluation.generation import generate
 from derta_jax.models.config import ModelConfig
-from derta_jax.training import optimizer as opt_lib, sharding as shd, step as step_lib
+from derta_jax.training import optimizer as opt_lib, perf, sharding as shd, step as step_lib
 
 REFUSAL_ID = 19701
 
@@ -52,15 +52,6 @@ SHAPES = {
                                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
                    batch=2, seq=64, matmul=256, gen_batch=2, prompt=8, new_tokens=8),
 }
-
-
-def model_flops_per_token(cfg: ModelConfig, seq: int) -> float:
-    """6 x matmul parameters (layers + LM head) + 12 L H Dh S for attention scores and values."""
-    D, F, H, K, Dh = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
-                      cfg.head_dim)
-    per_layer = D * (H + 2 * K) * Dh + H * Dh * D + 3 * D * F
-    params = cfg.num_layers * per_layer + D * cfg.vocab_size
-    return 6.0 * params + 12.0 * cfg.num_layers * H * Dh * seq
 
 
 def _timed(fn, repeats: int) -> float:
@@ -116,7 +107,7 @@ def train_throughput(cfg: ModelConfig, batch: int, seq: int, steps: int) -> tupl
     seconds = _timed(step, steps)
     tokens_per_s = batch * seq / seconds
     return ({"step_s": seconds, "tokens_per_s": tokens_per_s, "compile_s": compile_s,
-             "model_flops_per_s": tokens_per_s * model_flops_per_token(cfg, seq)},
+             "model_flops_per_s": tokens_per_s * perf.train_flops_per_token(cfg, seq)},
             box["state"]["params"])
 
 

@@ -1,5 +1,5 @@
-"""benchmarks/gpu_bench.py runs end to end with --tiny (on CPU), its FLOP count matches the
-parameters the decoder really has, and gpu.sh is shellcheck-clean."""
+"""benchmarks/gpu_bench.py runs end to end with --tiny (on CPU), the FLOP count behind its MFU
+(training/perf.py) matches the weights the decoder really has, and gpu.sh is shellcheck-clean."""
 import math
 import shutil
 import subprocess
@@ -10,6 +10,7 @@ import pytest
 from benchmarks import gpu_bench
 from conftest import ROOT
 from derta_jax.models.decoder import init_variables
+from derta_jax.training import perf
 
 
 def test_tiny_run_reports_every_figure(tmp_path):
@@ -27,7 +28,7 @@ def test_flops_per_token_count_the_decoders_matmul_weights():
     matmul = sum(x.size for path, x in leaves if jax.tree_util.keystr(path[-1:]) == "['kernel']")
     seq = 64
     attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq  # QK^T and AV, fwd + bwd
-    assert gpu_bench.model_flops_per_token(cfg, seq) == 6 * matmul + attention
+    assert perf.train_flops_per_token(cfg, seq) == 6 * matmul + attention
 
 
 def test_gpu_script_passes_shellcheck():
