@@ -159,9 +159,11 @@ def cpu_name() -> str:
 
 
 def _demo_records(tokenizer: Any, n: int) -> list[dict[str, str]]:
-    """The first `n` records of a shuffled demo `derta` mixture, in the official file format."""
+    """`n` records of a shuffled demo `derta` mixture (all helpful pairs, 100 RTO, 100 harmful
+    prefix), in the official file format."""
     from derta_jax.data import pipeline
-    recs = pipeline.mixture_records("derta", pipeline.DEMO_SAFETY, pipeline.DEMO_HELPFUL, tokenizer)
+    recs = pipeline.mixture_records("derta", pipeline.DEMO_SAFETY, pipeline.DEMO_HELPFUL, tokenizer,
+                                    rto_count=100, prefix_count=100)
     order = np.random.default_rng(0).permutation(len(recs))[:n]
     return [recs[i].to_json() for i in order]
 
@@ -333,7 +335,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                                           refusal_id, pad_id)
     print(f"first batch loss: ours {ours_loss:.6f}, official {ref_loss:.6f}, "
           f"rel diff {abs(ours_loss - ref_loss) / ref_loss:.2e}")
+    print("timing the official step ...", flush=True)
     theirs = bench_official(model, official, args.official_batch, refusal_id, pad_id, args.steps)
+    print("timing our step (compile first) ...", flush=True)
     ours = bench_ours(cfg, params, ours_examples, args.rows, args.seq_len, args.steps)
     rows = [("step", "batch", "token slots", "supervised", "s/step", "supervised tok/s")]
     for name, r, shape in (("official (PyTorch, padded)", theirs, f"{args.official_batch} examples"),
