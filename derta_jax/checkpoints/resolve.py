@@ -1,0 +1,242 @@
+"""Find the weights behind a `--checkpoint` argument and read them one tensor at a time.
+
+    resolve_checkpoint(<model dir>)                       the params of `python -m derta_jax.convert`
+    resolve_checkpoint(<training workdir>, step=None)     the latest (or `step`) training checkpoint
+    resolve_checkpoint(<workdir>/checkpoints/<step>)      that step
+
+Tensors are read straight from the Orbax checkpoint's per-array TensorStore storage (with Orbax's
+own read spec), so a training checkpoint saved sharded over many devices is never gathered whole:
+`read_param` returns one canonical tensor (one layer's slice of a `scan_layers` stack).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+from typing import Any
+
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
+
+from derta_jax.checkpoints.hf import Path, canonical_shapes
+from derta_jax.checkpoints.model_dir import CONFIG_FILE, PARAMS_DIR, load_config
+from derta_jax.models.config import ModelConfig
+
+WORKDIR_MODEL = "model"
+WORKDIR_CHECKPOINTS = "checkpoints"
+STATE_ITEM = "state"
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+    """Where a canonical tensor lives: an Orbax leaf and the index into its leading axes."""
+
+    leaf: Path
+    index: tuple[int, ...]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A resolved checkpoint: its config, tokenizer folder and one-tensor-at-a-time readers.
+
+    `kind` is "model_dir" or "workdir"; `step` is the training step (None for a model dir).
+    `params` and `lora` map canonical paths (`("layers_0", "attn", "q_proj", "kernel")`,
+    `("layers_0", "attn", "q_proj", "lora_a")`) to where they are stored.
+    """
+
+    cfg: ModelConfig
+    tokenizer_dir: pathlib.Path
+    item_dir: pathlib.Path
+    kind: str
+    step: int | None
+    params: dict[Path, StoredTensor]
+    lora: dict[Path, StoredTensor]
+    use_ocdbt: bool
+    use_zarr3: bool
+
+    @property
+    def has_lora(self) -> bool:
+        return bool(self.lora)
+
+    def read_param(self, path: Path, index: tuple[int, ...] = ()) -> np.ndarray:
+        """The canonical tensor at `path` (or its slice at `index`, e.g. one expert), as stored."""
+        if path not in self.params:
+            raise ValueError(f"no parameter {'/'.join(path)} in {self.item_dir}")
+        return self._read(self.params[path], index)
+
+    def read_lora(self, kernel: Path, index: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """(lora_a, lora_b) of the projection whose kernel is at `kernel` (sliced at `index`)."""
+        a, b = kernel[:-1] + ("lora_a",), kernel[:-1] + ("lora_b",)
+        if a not in self.lora or b not in self.lora:
+            raise ValueError(f"no LoRA adapter for {'/'.join(kernel[:-1])} in {self.item_dir}")
+        return self._read(self.lora[a], index), self._read(self.lora[b], index)
+
+    def lora_kernels(self) -> list[Path]:
+        """Canonical kernel paths that carry a LoRA adapter."""
+        return [p[:-1] + ("kernel",) for p in self.lora if p[-1] == "lora_a"]
+
+    def params_tree(self) -> dict[str, Any]:
+        """The whole canonical tree as nested dicts of numpy arrays (reads every tensor)."""
+        return _nest({p: self.read_param(p) for p in self.params})
+
+    def lora_tree(self) -> dict[str, Any]:
+        """The `lora` collection in the canonical (unstacked) layout."""
+        return _nest({p: self._read(s) for p, s in self.lora.items()})
+
+    def _read(self, stored: StoredTensor, index: tuple[int, ...] = ()) -> np.ndarray:
+        store = _open(self.item_dir, ".".join(stored.leaf), self.use_ocdbt, self.use_zarr3)
+        return np.asarray(store[stored.index + index].read().result())
+
+
+@functools.lru_cache(maxsize=64)
+def _open(item_dir: pathlib.Path, name: str, use_ocdbt: bool, use_zarr3: bool) -> ts.TensorStore:
+    context = _context(use_ocdbt)
+    info = ocp.type_handlers.ParamInfo(name=name, parent_dir=epath.Path(item_dir),
+                                       is_ocdbt_checkpoint=use_ocdbt, use_zarr3=use_zarr3,
+                                       ts_context=context)
+    spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=use_ocdbt)
+    return ts.open(spec, context=context).result()
+
+
+@functools.lru_cache(maxsize=2)
+def _context(use_ocdbt: bool) -> ts.Context:
+    """One TensorStore context per format, shared by every opened array (one cache pool)."""
+    return ocp.type_handlers.get_ts_context(use_ocdbt=use_ocdbt)
+
+
+def _nest(flat: dict[Path, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def available_steps(workdir: str | pathlib.Path) -> list[int]:
+    """Finished checkpoint steps of a training workdir, ascending."""
+    folder = pathlib.Path(workdir) / WORKDIR_CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir()
+                  if p.name.isdigit() and (p / STATE_ITEM).is_dir())
+
+
+def resolve_checkpoint(path: str | pathlib.Path, step: int | None = None) -> Checkpoint:
+    """Resolves a model dir, a training workdir (latest step, or `step`) or one of its steps.
+
+    Raises ValueError naming the path for anything that is not a derta_jax checkpoint, a
+    missing step (listing the available ones) and tensors that disagree with the model config.
+    """
+    path = pathlib.Path(path).absolute()
+    if path.name.isdigit() and path.parent.name == WORKDIR_CHECKPOINTS:
+        if step is not None and step != int(path.name):
+            raise ValueError(f"{path} is step {path.name}, but step={step} was asked for")
+        path, step = path.parent.parent, int(path.name)
+    if (path / WORKDIR_CHECKPOINTS).is_dir() and (path / WORKDIR_MODEL / CONFIG_FILE).exists():
+        return _resolve_workdir(path, step)
+    if (path / CONFIG_FILE).exists():
+        if step is not None:
+            raise ValueError(f"{path} is a model dir; a step only applies to a training workdir")
+        if not (path / PARAMS_DIR).is_dir():
+            raise ValueError(f"{path} is a model dir without {PARAMS_DIR}/ (a training workdir "
+                             "keeps one as model/): pass the workdir itself")
+        return _resolve(load_config(path), path, path / PARAMS_DIR, "model_dir", None, (), None)
+    raise ValueError(f"{path} is not a derta_jax checkpoint: {_what_it_is(path)}")
+
+
+def _what_it_is(path: pathlib.Path) -> str:
+    if not path.exists():
+        return "it does not exist"
+    if (path / "config.json").exists() and any(path.glob("*.safetensors")):
+        return ("it is a Hugging Face checkpoint; convert it first with "
+                "`python -m derta_jax.convert --hf DIR --out MODEL_DIR`")
+    return (f"expected a model dir ({CONFIG_FILE} + {PARAMS_DIR}/) or a training workdir "
+            f"({WORKDIR_MODEL}/{CONFIG_FILE} + {WORKDIR_CHECKPOINTS}/<step>/)")
+
+
+def _resolve_workdir(workdir: pathlib.Path, step: int | None) -> Checkpoint:
+    steps = available_steps(workdir)
+    if not steps:
+        raise ValueError(f"training workdir {workdir} has no finished checkpoint in "
+                         f"{WORKDIR_CHECKPOINTS}/")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise ValueError(f"training workdir {workdir} has no checkpoint for step {step}; "
+                         f"available steps: {', '.join(map(str, steps))}")
+    cfg = load_config(workdir / WORKDIR_MODEL)
+    item = workdir / WORKDIR_CHECKPOINTS / str(step) / STATE_ITEM
+    return _resolve(cfg, workdir / WORKDIR_MODEL, item, "workdir", step, ("params",), ("lora",))
+
+
+def _stored_leaves(item_dir: pathlib.Path) -> tuple[dict[Path, Any], bool, bool]:
+    """(leaf path -> Orbax ArrayMetadata, use_ocdbt, use_zarr3) of an Orbax PyTree item."""
+    try:
+        tree = ocp.PyTreeCheckpointer().metadata(item_dir).item_metadata.tree
+        flags = json.loads((item_dir / "_METADATA").read_text())
+    except Exception as e:  # Orbax raises many types; name the folder in every case
+        raise ValueError(f"{item_dir} is not a readable Orbax checkpoint: "
+                         f"{type(e).__name__}: {e}") from e
+    leaves: dict[Path, Any] = {}
+
+    def walk(node: Any, prefix: Path) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, prefix + (str(k),))
+        elif hasattr(node, "shape"):
+            leaves[prefix] = node
+
+    walk(tree, ())
+    return leaves, bool(flags.get("use_ocdbt", False)), bool(flags.get("use_zarr3", False))
+
+
+def _locate(canonical: Path, prefix: Path, leaves: dict[Path, Any]) -> StoredTensor | None:
+    """The stored leaf of a canonical path, looking through a `scan_layers` stack."""
+    if prefix + canonical in leaves:
+        meta = leaves[prefix + canonical]
+        return StoredTensor(prefix + canonical, (), tuple(meta.shape), np.dtype(meta.dtype))
+    if canonical[0].startswith("layers_"):
+        stacked = prefix + ("layers",) + canonical[1:]
+        if stacked in leaves:
+            meta = leaves[stacked]
+            return StoredTensor(stacked, (int(canonical[0][len("layers_"):]),),
+                                tuple(meta.shape[1:]), np.dtype(meta.dtype))
+    return None
+
+
+def _locate_all(paths: list[Path], prefix: Path, leaves: dict[Path, Any],
+                item_dir: pathlib.Path, cfg: ModelConfig) -> dict[Path, StoredTensor]:
+    found = {}
+    for path in paths:
+        stored = _locate(path, prefix, leaves)
+        if stored is None:
+            raise ValueError(f"{item_dir} has no tensor for {'/'.join(prefix + path)} "
+                             f"(model_type={cfg.model_type!r}, lora_rank={cfg.lora_rank}); is it "
+                             "a checkpoint of this model config?")
+        found[path] = stored
+    return found
+
+
+def _resolve(cfg: ModelConfig, tokenizer_dir: pathlib.Path, item_dir: pathlib.Path, kind: str,
+             step: int | None, prefix: Path, lora_prefix: Path | None) -> Checkpoint:
+    leaves, use_ocdbt, use_zarr3 = _stored_leaves(item_dir)
+    shapes = canonical_shapes(cfg)
+    params = _locate_all(list(shapes), prefix, leaves, item_dir, cfg)
+    for path, stored in params.items():
+        if stored.shape != shapes[path]:
+            raise ValueError(f"tensor {'/'.join(path)} in {item_dir} has shape "
+                             f"{list(stored.shape)}, expected {list(shapes[path])} from the model config")
+    lora = {}
+    if lora_prefix is not None and cfg.lora_rank > 0:
+        adapters = [p[:-1] + (name,) for p in shapes
+                    if p[-1] == "kernel" and p[-2] in cfg.lora_targets
+                    for name in ("lora_a", "lora_b")]
+        lora = _locate_all(adapters, lora_prefix, leaves, item_dir, cfg)
+    return Checkpoint(cfg, tokenizer_dir, item_dir, kind, step, params, lora, use_ocdbt, use_zarr3)
