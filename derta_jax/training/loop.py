@@ -82,9 +82,18 @@ def local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v[i * rows:(i + 1) * rows] for k, v in batch.items()}
 
 
-def total_steps(config: ml_collections.ConfigDict, num_examples: int) -> int:
+def total_steps(config: ml_collections.ConfigDict, examples: list[Any]) -> int:
+    """train.steps, or train.epochs over the data: rows per epoch are the examples (padded) or,
+    packed, their tokens over data.max_length (a lower bound: packing leaves some padding)."""
     t = config.train
-    return t.steps if t.steps > 0 else math.ceil(t.epochs * num_examples / t.batch_size)
+    if t.steps > 0:
+        return t.steps
+    if config.data.packing:
+        rows = sum(min(len(ex.tokens), config.data.max_length) for ex in examples) \
+            / config.data.max_length
+    else:
+        rows = len(examples)
+    return max(1, math.ceil(t.epochs * rows / t.batch_size))
 
 
 class MetricsWriter:
@@ -175,7 +184,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     cfg, tokenizer = load_model(config)
     write_workdir(workdir, config, cfg, tokenizer)
     examples = load_examples(config, tokenizer)
-    steps = total_steps(config, len(examples))
+    steps = total_steps(config, examples)
     t = config.train
     if t.batch_size % jax.process_count():
         raise ValueError(f"config train.batch_size={t.batch_size} is not divisible by the "

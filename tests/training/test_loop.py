@@ -77,3 +77,21 @@ def test_validate_names_the_key_and_value(key, value, match):
     config[group][name] = value
     with pytest.raises(ValueError, match=match):
         validate(config)
+
+
+def test_sigterm_saves_and_stops(tmp_path, llama3_tokenizer_dir, monkeypatch):
+    import os
+    import signal
+    calls = []
+    shard = loop.shd.shard_batch
+
+    def shard_and_preempt(batch, mesh):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return shard(batch, mesh)
+
+    monkeypatch.setattr(loop.shd, "shard_batch", shard_and_preempt)
+    loop.train(tiny_config(steps=6), tmp_path)
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
