@@ -1,0 +1,106 @@
+"""What export refuses, and how it says so."""
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from derta_jax import export
+from derta_jax.checkpoints.resolve import resolve_checkpoint
+
+
+def fake_workdir(root: pathlib.Path, model_dir: pathlib.Path, steps: list[int]) -> pathlib.Path:
+    (root / "model").mkdir(parents=True)
+    shutil.copy(model_dir / "model_config.json", root / "model")
+    for step in steps:
+        (root / "checkpoints" / str(step) / "state").mkdir(parents=True)
+    (root / "checkpoints").mkdir(exist_ok=True)
+    return root
+
+
+def test_missing_step_lists_the_available_ones(model_dir, tmp_path):
+    root = fake_workdir(tmp_path / "run", model_dir("llama"), [10, 30, 20])
+    with pytest.raises(ValueError, match=r"no checkpoint for step 25; available steps: 10, 20, 30"):
+        export.main(["--checkpoint", str(root), "--step", "25", "--out", str(tmp_path / "out")])
+    empty = fake_workdir(tmp_path / "empty", model_dir("llama"), [])
+    with pytest.raises(ValueError, match=r"has no finished checkpoint in checkpoints/"):
+        resolve_checkpoint(empty)
+
+
+def test_a_step_only_applies_to_a_workdir(model_dir):
+    with pytest.raises(ValueError, match=r"is a model dir; a step only applies"):
+        resolve_checkpoint(model_dir("llama"), step=3)
+
+
+def test_checkpoints_that_are_not_ours(hf_model, model_dir, tmp_path):
+    hf_folder, _ = hf_model("llama")
+    with pytest.raises(ValueError, match=r"is a Hugging Face checkpoint; convert it first"):
+        resolve_checkpoint(hf_folder)
+    with pytest.raises(ValueError, match=r"not a derta_jax checkpoint: it does not exist"):
+        resolve_checkpoint(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=r"not a derta_jax checkpoint: expected a model dir"):
+        resolve_checkpoint(tmp_path)
+    no_params = tmp_path / "no_params"
+    no_params.mkdir()
+    shutil.copy(model_dir("llama") / "model_config.json", no_params)
+    with pytest.raises(ValueError, match=r"model dir without params/"):
+        resolve_checkpoint(no_params)
+    # An Orbax checkpoint of something else under a workdir layout.
+    other = fake_workdir(tmp_path / "other", model_dir("llama"), [])
+    ocp.PyTreeCheckpointer().save(other / "checkpoints" / "4" / "state",
+                                  {"params": {"w": np.zeros(3, np.float32)}})
+    with pytest.raises(ValueError, match=r"has no tensor for params/embed_tokens/embedding"):
+        resolve_checkpoint(other)
+    broken = fake_workdir(tmp_path / "broken", model_dir("llama"), [7])
+    with pytest.raises(ValueError, match=r"checkpoints/7/state is not a readable Orbax checkpoint"):
+        resolve_checkpoint(broken)
+
+
+def test_shape_disagreeing_with_the_config(model_dir, tmp_path):
+    md = tmp_path / "md"
+    shutil.copytree(model_dir("llama"), md)
+    config = json.loads((md / "model_config.json").read_text())
+    config["intermediate_size"] = 40
+    (md / "model_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"layers_0/mlp/gate_proj/kernel .* has shape \[32, 48\], "
+                                         r"expected \[32, 40\]"):
+        resolve_checkpoint(md)
+
+
+def test_unsupported_dtype_and_lora_flags(model_dir, tmp_path):
+    md = str(model_dir("llama"))
+    with pytest.raises(ValueError, match=r"unsupported dtype 'float16'; supported: float32, bfloat16"):
+        export.main(["--checkpoint", md, "--out", str(tmp_path / "a"), "--dtype", "float16"])
+    with pytest.raises(ValueError, match=r"has no LoRA adapters to merge"):
+        export.main(["--checkpoint", md, "--out", str(tmp_path / "b"), "--merge-lora"])
+    with pytest.raises(ValueError, match=r"max shard size '5 gigs'"):
+        export.main(["--checkpoint", md, "--out", str(tmp_path / "c"), "--max-shard-size", "5 gigs"])
+
+
+def test_non_empty_output_needs_overwrite(model_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model-00007-of-00009.safetensors").write_text("stale")
+    (out / "notes.txt").write_text("keep me")
+    md = str(model_dir("llama"))
+    with pytest.raises(ValueError, match=r"output folder .*out is not empty; pass --overwrite"):
+        export.main(["--checkpoint", md, "--out", str(out)])
+    export.main(["--checkpoint", md, "--out", str(out), "--overwrite"])
+    assert not (out / "model-00007-of-00009.safetensors").exists()
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert (out / "model-00001-of-00001.safetensors").exists()
+
+
+def test_cli_prints_the_error_and_exits_nonzero(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "derta_jax.export", "--checkpoint",
+                           str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 1
+    assert proc.stderr.strip().endswith("is not a derta_jax checkpoint: it does not exist")
+    assert not (tmp_path / "out").exists()
