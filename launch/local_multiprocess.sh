@@ -9,7 +9,7 @@
 # (--log-dir, default: a temporary folder, printed). Exits non-zero if any process fails.
 set -euo pipefail
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 2; }
 
 num_processes=2
 devices=4

@@ -12,11 +12,12 @@
 #   logs    streams worker 0's log
 #   stop    sends SIGTERM on every worker (training saves a final checkpoint, then exits)
 #   delete  deletes the slice
-# The workdir must be on storage every worker sees (gs://bucket/run). --dry-run prints every
+# The workdir, model dir and data must be at the same path on every worker (a bucket mounted with
+# gcsfuse, see launch/README.md). --dry-run prints every
 # command instead of running it.
 set -euo pipefail
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 2; }
 
 dry_run=0; name=""; zone=""; accel=""; version="v2-alpha-tpuv5"; project=""; spot=0; action=""
 while [ $# -gt 0 ]; do
