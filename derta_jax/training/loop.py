@@ -12,6 +12,7 @@ rows, so a run gives the same numbers on any number of processes; packing is che
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -174,72 +175,103 @@ class _Logger:
         return host
 
 
+def step_config(config: ml_collections.ConfigDict, cfg: ModelConfig) -> step_lib.StepConfig:
+    lo = config.loss
+    return step_lib.StepConfig(cfg, step_lib.LossConfig(
+        rto_keep=lo.rto_keep, normalisation=lo.normalisation, chunk_size=lo.chunk_size,
+        router_coef=lo.router_coef), config.train.accum_steps)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, steps: int):
+    o = config.optimizer
+    return opt_lib.make_optimizer(opt_lib.OptimizerConfig(
+        learning_rate=o.learning_rate, schedule=o.schedule, warmup_ratio=o.warmup_ratio,
+        weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, grad_clip=o.grad_clip), steps)
+
+
+@dataclasses.dataclass
+class _Run:
+    """Everything the step loop needs, restored from the last checkpoint when there is one."""
+
+    cfg: ModelConfig
+    steps: int
+    start: int
+    state: step_lib.State
+    loader: Any
+    mngr: Any
+    train_step: Any
+    mesh: Any
+
+
+def _prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> _Run:
+    mesh = shd.make_mesh(shd.MeshConfig(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
+    cfg, tokenizer = load_model(config)
+    write_workdir(workdir, config, cfg, tokenizer)
+    examples = load_examples(config, tokenizer)
+    steps = total_steps(config, examples)
+    if config.train.batch_size % jax.process_count():
+        raise ValueError(f"config train.batch_size={config.train.batch_size} is not divisible by "
+                         f"the {jax.process_count()} processes")
+    loader = loader_lib.make_loader(examples, config.train.batch_size, config.data.max_length,
+                                    seed=config.data.seed, packing=config.data.packing,
+                                    shard_index=0, shard_count=1)
+    tx, schedule = make_optimizer(config, steps)
+    abstract, shardings = step_lib.state_shardings(cfg, tx, mesh)
+    mngr = ckpt.make_manager(workdir, config.checkpoint.keep, config.checkpoint.async_save)
+    start = ckpt.latest_step(mngr)
+    if start is None:
+        params = load_params(config, cfg, shardings["params"])
+        state = step_lib.init_state(jax.random.PRNGKey(config.train.seed), cfg, tx, mesh, params)
+        start = 0
+    else:
+        log.info("resuming from %s/%d", mngr.directory, start)
+        state = ckpt.restore(mngr, start, shardings, abstract, loader)
+    train_step = step_lib.make_train_step(step_config(config, cfg), tx, schedule, mesh, shardings)
+    return _Run(cfg, steps, start, state, loader, mngr, train_step, mesh)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
           stop_at: int | None = None) -> dict[str, float]:
     """Runs (or resumes) training; returns the last step's metrics. `stop_at`: save and return
     after that step, as a preempted run would."""
     config_lib.validate(config)
     workdir = pathlib.Path(workdir).absolute()
-    mesh = shd.make_mesh(shd.MeshConfig(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
-    cfg, tokenizer = load_model(config)
-    write_workdir(workdir, config, cfg, tokenizer)
-    examples = load_examples(config, tokenizer)
-    steps = total_steps(config, examples)
+    run = _prepare(config, workdir)
     t = config.train
-    if t.batch_size % jax.process_count():
-        raise ValueError(f"config train.batch_size={t.batch_size} is not divisible by the "
-                         f"{jax.process_count()} processes")
-    loader = loader_lib.make_loader(examples, t.batch_size, config.data.max_length,
-                                    seed=config.data.seed, packing=config.data.packing,
-                                    shard_index=0, shard_count=1)
-    o = config.optimizer
-    tx, schedule = opt_lib.make_optimizer(opt_lib.OptimizerConfig(
-        learning_rate=o.learning_rate, schedule=o.schedule, warmup_ratio=o.warmup_ratio,
-        weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, grad_clip=o.grad_clip), steps)
-    step_cfg = step_lib.StepConfig(cfg, step_lib.LossConfig(
-        rto_keep=config.loss.rto_keep, normalisation=config.loss.normalisation,
-        chunk_size=config.loss.chunk_size, router_coef=config.loss.router_coef), t.accum_steps)
-    abstract, shardings = step_lib.state_shardings(cfg, tx, mesh)
-    mngr = ckpt.make_manager(workdir, config.checkpoint.keep, config.checkpoint.async_save)
-    start = ckpt.latest_step(mngr)
-    if start is None:
-        params = load_params(config, cfg, shardings["params"])
-        state = step_lib.init_state(jax.random.PRNGKey(t.seed), cfg, tx, mesh, params)
-        start = 0
-    else:
-        log.info("resuming from %s/%d", mngr.directory, start)
-        state = ckpt.restore(mngr, start, shardings, abstract, loader)
-    base_rng = jax.device_get(state["rng"])
-    train_step = step_lib.make_train_step(step_cfg, tx, schedule, mesh, shardings)
-    peak = (t.peak_tflops * 1e12 if t.peak_tflops > 0 else perf.measure_matmul_flops()) \
-        * jax.device_count()
-    writer = MetricsWriter(workdir, start, steps)
-    logger = _Logger(writer, perf.train_flops_per_token(cfg, config.data.max_length), peak,
-                     t.log_every)
+    per_device = t.peak_tflops * 1e12 if t.peak_tflops > 0 else perf.measure_matmul_flops(
+        dtype=run.cfg.dtype)
+    writer = MetricsWriter(workdir, run.start, run.steps)
+    logger = _Logger(writer, perf.train_flops_per_token(run.cfg, config.data.max_length),
+                     per_device * jax.device_count(), t.log_every)
     preemption = _Preemption()
-    last: dict[str, float] = {}
-    pending = None
-    step = start
     try:
-        while step < steps:
-            batch = next(loader)
-            tokens = int(np.count_nonzero(batch["segment_ids"]))
-            state, metrics = train_step(state, shd.shard_batch(local_rows(batch), mesh),
-                                        jax.random.fold_in(base_rng, step))
-            step += 1
-            if pending is not None:
-                last = logger(*pending)
-            pending = (step, metrics, tokens)
-            stop = step == stop_at or preemption.requested
-            if step % config.checkpoint.every_steps == 0 or step == steps or stop:
-                ckpt.save(mngr, step, state, loader)
-            if stop:
-                break
-        if pending is not None:
-            last = logger(*pending)
+        return _loop(run, config.checkpoint.every_steps, stop_at, logger, preemption)
     finally:
-        mngr.wait_until_finished()
-        mngr.close()
+        run.mngr.wait_until_finished()
+        run.mngr.close()
         writer.close()
         preemption.restore()
+
+
+def _loop(run: _Run, every: int, stop_at: int | None, logger: _Logger,
+          preemption: _Preemption) -> dict[str, float]:
+    """The steps; metrics of step t are fetched after step t+1 is launched."""
+    base_rng = jax.device_get(run.state["rng"])
+    state, step, pending, last = run.state, run.start, None, {}
+    while step < run.steps:
+        batch = next(run.loader)
+        tokens = int(np.count_nonzero(batch["segment_ids"]))
+        state, metrics = run.train_step(state, shd.shard_batch(local_rows(batch), run.mesh),
+                                        jax.random.fold_in(base_rng, step))
+        step += 1
+        if pending is not None:
+            last = logger(*pending)
+        pending = (step, metrics, tokens)
+        stop = step == stop_at or preemption.requested
+        if step % every == 0 or step == run.steps or stop:
+            ckpt.save(run.mngr, step, state, run.loader)
+        if stop:
+            break
+    if pending is not None:
+        last = logger(*pending)
     return last

@@ -20,6 +20,7 @@ def tiny_config(steps: int):
     config.mesh.fsdp = 2
     config.mesh.tensor = 2
     config.checkpoint.async_save = False
+    config.loss.rto_keep = 0.5  # the step rng matters, so resume must restore it
     return config
 
 

@@ -103,10 +103,10 @@ def test_lora_with_zero_b_is_the_base_model_and_base_stays_frozen():
     _, s_base = grads_on(mesh, cfg_base, base, batch, jax.random.PRNGKey(1))
     _, s_lora = grads_on(mesh, cfg_lora, state, batch, jax.random.PRNGKey(1))
     np.testing.assert_allclose(s_lora["weighted"], s_base["weighted"], rtol=1e-6)
-    # Only the adapters have optimizer state.
-    opt_leaves = {x.shape for x in jax.tree.leaves(state["opt_state"])}
-    assert (32, 4 * 8) not in {x.shape for x in jax.tree.leaves(state["lora"])}
-    assert not opt_leaves & {x.shape for x in jax.tree.leaves(base_params)} - {()}
+    # Only the adapters have optimizer state: Adam's mu and nu, one of each per adapter.
+    opt_arrays = [x.shape for x in jax.tree.leaves(state["opt_state"]) if x.ndim]
+    lora_arrays = [x.shape for x in jax.tree.leaves(state["lora"])]
+    assert sorted(opt_arrays) == sorted(lora_arrays * 2)
     _, shardings = step_lib.state_shardings(lora_cfg, tx, mesh)
     step = step_lib.make_train_step(cfg_lora, tx, schedule, mesh, shardings)
     lora0 = jax.device_get(state["lora"])
