@@ -18,6 +18,7 @@ import pathlib
 import re
 import struct
 from collections.abc import Iterator
+from typing import BinaryIO
 
 import jax.numpy as jnp
 import numpy as np
@@ -141,9 +142,19 @@ def _write_safetensors(path: pathlib.Path, tensors: list[OutTensor], arrays: Ite
             if array.shape != t.shape:
                 raise ValueError(f"tensor {t.name} came out with shape {list(array.shape)}, "
                                  f"expected {list(t.shape)}")
-            data = np.ascontiguousarray(array, dtype=jnp.dtype(dtype))
-            f.write(data.reshape(-1).view(np.uint8).data)
-            del data, array
+            _write_rows(f, array, jnp.dtype(dtype))
+            del array
+
+
+def _write_rows(f: BinaryIO, array: np.ndarray, dtype: np.dtype,
+                block_bytes: int = 16 * 2**20) -> None:
+    """Writes `array` in C order as `dtype`, a block of rows at a time: a transposed view is
+    made contiguous (and cast) block by block, never as a second whole copy."""
+    rows = array.reshape(1, -1) if array.ndim < 2 else array
+    step = max(1, block_bytes // max(1, rows[0].size * dtype.itemsize))
+    for start in range(0, rows.shape[0], step):
+        block = np.ascontiguousarray(rows[start:start + step], dtype=dtype)
+        f.write(block.reshape(-1).view(np.uint8).data)
 
 
 def _prepare_out(out: pathlib.Path, overwrite: bool) -> None:
