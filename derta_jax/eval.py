@@ -3,6 +3,7 @@
     python -m derta_jax.eval --checkpoint <model dir | training workdir> [--step N] \
         --tests demo/eval/safety_completionattack.jsonl,demo/eval/helpfulness_gsm8k.jsonl \
         --out runs/eval/smollm2 [--max-new-tokens 1024] [--limit N] [--batch-size 16] [--chat] \
+        [--dtype bfloat16] [--mesh DATA,FSDP,TENSOR] \
         [--judge refusal | refusal:<phrases.txt> | classifier:<model dir> | http:<url>[#model]] \
         [--kind completionattack|safety|gsm8k|mmlu|alpacaeval|overrefusal[,...]]
     python -m derta_jax.eval compare runs/eval/vanilla runs/eval/derta --out runs/eval/compare
@@ -10,7 +11,9 @@
 Writes `<out>/<set>.jsonl` (one line per answer: question, prompt, response, num_tokens,
 finish_reason, each judge's verdict, the GSM8K/MMLU score), `alpacaeval_outputs.json` for external
 judging, `report.json`, `report.md` and `report.png`. Greedy decoding by default. Re-running the
-same command resumes: answers already written are skipped. `compare` writes `compare.md`,
+same command resumes: answers already written are skipped. A training workdir is read at its
+latest step (or --step), LoRA adapters merged (`evaluation/loading.py`, shared with generate).
+Batches run over every device (rows split on the mesh's data axis). `compare` writes `compare.md`,
 `compare.json` and `compare.png`.
 """
 from __future__ import annotations
@@ -22,8 +25,9 @@ import sys
 import time
 from typing import Any
 
+from derta_jax.checkpoints.resolve import resolve_checkpoint
 from derta_jax.evaluation import judges as judges_lib
-from derta_jax.evaluation import report, runner, tasks
+from derta_jax.evaluation import loading, report, runner, tasks
 
 RUN_FILE = "run.json"
 # Settings that change the answers: a resumed run must use the same ones.
@@ -35,7 +39,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, type=pathlib.Path,
                    help="a model dir, or a training workdir (latest step unless --step)")
-    p.add_argument("--step", type=int, default=None, help="training workdir step to evaluate")
+    p.add_argument("--step", type=int, default=None,
+                   help="training workdir step to evaluate (default: the latest)")
     p.add_argument("--tests", required=True, help="comma-separated JSON-lines test files")
     p.add_argument("--out", required=True, type=pathlib.Path, help="output directory")
     p.add_argument("--kind", default=None,
@@ -52,7 +57,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="cast the parameters on load (default: as stored)")
+                   help="compute and parameter dtype (default: as stored)")
+    p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
+                   help="device mesh (one size may be -1; default: every device on data)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     for name in ("max_new_tokens", "batch_size", "limit"):
@@ -60,26 +67,6 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     return args
-
-
-def resolve_checkpoint(path: pathlib.Path, step: int | None, dtype: str | None) -> runner.EvalModel:
-    """Loads a model dir, or one step of a training workdir, with its tokenizer.
-
-    Training workdirs (`<workdir>/checkpoints/<step>/`, `<workdir>/model/`) need the trainer's
-    checkpoint reader: this is the one place that calls it.
-    """
-    from derta_jax.checkpoints.model_dir import load_model_dir, load_tokenizer
-    if (path / "model_config.json").exists() and (path / "params").exists():
-        if step is not None:
-            raise ValueError(f"--step {step} given, but {path} is a model dir, not a training workdir")
-        cfg, params = load_model_dir(path, dtype=dtype)
-        return runner.EvalModel(path.name, cfg, params, load_tokenizer(path))
-    if (path / "checkpoints").is_dir() and (path / "model").is_dir():
-        # TODO(engineer E's checkpoint code): restore params (+ lora) of `step` (latest if None).
-        raise ValueError(f"{path} is a training workdir; restoring its checkpoints is not wired "
-                         "yet: export it to a model dir and pass that")
-    raise ValueError(f"--checkpoint {path}: neither a model dir (model_config.json + params/) nor "
-                     "a training workdir (checkpoints/ + model/)")
 
 
 def _kinds(args: argparse.Namespace, files: list[str]) -> list[str | None]:
@@ -118,13 +105,13 @@ def evaluate(argv: list[str]) -> dict[str, Any]:
     files = [f for f in args.tests.split(",") if f]
     test_sets = [tasks.load_test_set(f, k, args.limit) for f, k in zip(files, _kinds(args, files))]
     specs = _judge_specs(args)
-    settings = {"checkpoint": str(args.checkpoint.absolute()), "step": args.step, "chat": args.chat,
+    ckpt = resolve_checkpoint(args.checkpoint, args.step)
+    settings = {"checkpoint": str(args.checkpoint.absolute()), "step": ckpt.step, "chat": args.chat,
                 "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                 "top_p": args.top_p, "seed": args.seed}
     args.out.mkdir(parents=True, exist_ok=True)
     run = _load_run(args.out, settings)
-    model = resolve_checkpoint(args.checkpoint, args.step, args.dtype)
-    model_name = model.name if args.step is None else f"{model.name}@{args.step}"
+    model = loading.load_model(ckpt, args.dtype, loading.parse_mesh(args.mesh))
     judges = [judges_lib.make_judge(s, model.tokenizer, args.batch_size) for s in specs]
     options = runner.DecodeOptions(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                    chat=args.chat, temperature=args.temperature,
@@ -139,8 +126,8 @@ def evaluate(argv: list[str]) -> dict[str, Any]:
         if len(rows) > before:
             run["sets"][ts.name]["answers_per_minute"] = round(60 * (len(rows) - before) / seconds, 2)
         if ts.kind == tasks.ALPACAEVAL:
-            runner.write_alpacaeval(args.out, rows, model_name)
-    run["model"] = model_name
+            runner.write_alpacaeval(args.out, rows, model.name)
+    run["model"] = model.name
     (args.out / RUN_FILE).write_text(json.dumps(run, indent=2))
     return write_run_report(args.out, run, primary_judge=specs[0].split(":")[0])
 

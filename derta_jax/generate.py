@@ -1,13 +1,16 @@
-"""Generate answers for a JSON-lines file of prompts with a converted model.
+"""Generate answers for a JSON-lines file of prompts with a model dir or a training workdir.
 
-    python -m derta_jax.generate --checkpoint MODEL_DIR --prompts in.jsonl --out out.jsonl \
-        --max-new-tokens N [--chat] [--temperature T --top-p P] [--batch-size B] [--dtype D]
+    python -m derta_jax.generate --checkpoint <model dir | training workdir> [--step N] \
+        --prompts in.jsonl --out out.jsonl --max-new-tokens N [--chat] \
+        [--temperature T --top-p P] [--batch-size B] [--dtype D] [--mesh DATA,FSDP,TENSOR]
 
 Each input line needs a "prompt". Each output line: prompt, response, num_tokens, finish_reason
-("stop" or "length"). Greedy by default. Without --chat the prompt is tokenised as transformers'
-tokenizer does by default (its BOS rule); with --chat it goes through the tokenizer's chat template
-with a generation prompt. Generation stops at the model's eos ids, the tokenizer's eos and the
-end-of-turn tokens (`<|eot_id|>`, `<|im_end|>`).
+("stop" or "length"). Greedy by default. The model is loaded as eval loads it
+(`evaluation/loading.py`: latest workdir step unless --step, LoRA merged) and prompts are tokenised
+as eval tokenises them (`evaluation/tasks.encode_prompt`): without --chat the raw prompt, with BOS
+by the training data's rule; with --chat the tokenizer's chat template with a generation prompt.
+Batches run over every device (rows split on the data axis). Generation stops at the model's eos
+ids, the tokenizer's eos and the end-of-turn tokens (`<|eot_id|>`, `<|im_end|>`).
 """
 from __future__ import annotations
 
@@ -17,15 +20,17 @@ import pathlib
 import sys
 from typing import Any
 
-from derta_jax.checkpoints.model_dir import load_model_dir, load_tokenizer
+from derta_jax.checkpoints.resolve import resolve_checkpoint
+from derta_jax.evaluation import loading, tasks
 from derta_jax.evaluation.generation import generate
-from derta_jax.evaluation.tasks import stop_ids
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m derta_jax.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=pathlib.Path, required=True, help="a model dir")
+    p.add_argument("--checkpoint", type=pathlib.Path, required=True,
+                   help="a model dir, or a training workdir (latest step unless --step)")
+    p.add_argument("--step", type=int, default=None, help="training workdir step to load")
     p.add_argument("--prompts", type=pathlib.Path, required=True, help='jsonl with a "prompt" per line')
     p.add_argument("--out", type=pathlib.Path, required=True, help="jsonl to write")
     p.add_argument("--max-new-tokens", type=int, required=True)
@@ -36,6 +41,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="compute and parameter dtype (default: as stored)")
+    p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
+                   help="device mesh (one size may be -1; default: every device on data)")
     return p.parse_args(argv)
 
 
@@ -55,27 +62,20 @@ def read_prompts(path: pathlib.Path) -> list[str]:
 
 
 def encode(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
-    """Token ids as transformers makes them: the chat template's text (which carries its own
-    special tokens) or the tokenizer's default encoding of the raw prompt."""
-    if not chat:
-        return list(tokenizer(prompt)["input_ids"])
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("--chat needs a tokenizer with a chat_template (tokenizer_config.json)")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    """Token ids of one prompt: raw, or as a user turn of the chat template (`--chat`)."""
+    text = tasks.chat_prompt(prompt, tokenizer) if chat else prompt
+    return tasks.encode_prompt(text, tokenizer, chat)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = _parse(argv)
     prompts = read_prompts(args.prompts)
-    cfg, params = load_model_dir(args.checkpoint, dtype=args.dtype)
-    if args.dtype is not None:
-        cfg = cfg.replace(dtype=args.dtype)
-    tokenizer = load_tokenizer(args.checkpoint)
+    model = loading.load_model(resolve_checkpoint(args.checkpoint, args.step), args.dtype,
+                               loading.parse_mesh(args.mesh))
+    tokenizer = model.tokenizer
     ids = [encode(tokenizer, p, args.chat) for p in prompts]
-    outs = generate(params, cfg, ids, max_new_tokens=args.max_new_tokens,
-                    stop_ids=stop_ids(cfg, tokenizer), batch_size=args.batch_size,
+    outs = generate(model.params, model.cfg, ids, max_new_tokens=args.max_new_tokens,
+                    stop_ids=tasks.stop_ids(model.cfg, tokenizer), batch_size=args.batch_size,
                     temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     rows = [{"prompt": p, "response": tokenizer.decode(g.token_ids, skip_special_tokens=True),
              "num_tokens": len(g.token_ids), "finish_reason": g.finish_reason}

@@ -4,6 +4,10 @@ Prompt lengths are bucketed to powers of two (at least 16) and the cache to the 
 holds prompt + new tokens, so prompts of different lengths within a bucket reuse the same compiled
 prefill and decode loop; the decode loop is a `lax.while_loop` over one decode step, compiled once
 per (batch, cache length) and stopped as soon as every row has finished.
+
+Generation runs over a device mesh (`training/sharding.py`): the batch rows (and the KV cache) are
+split over the `data` and `fsdp` axes, and the parameters are placed by the logical-axis rules
+(replicated on a data-only mesh, split over `fsdp`/`tensor` when those axes are larger than 1).
 """
 from __future__ import annotations
 
@@ -11,14 +15,17 @@ import dataclasses
 import functools
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from derta_jax.models.cache import init_cache
 from derta_jax.models.config import ModelConfig
 from derta_jax.models.decoder import Decoder
+from derta_jax.training import sharding as shd
 
 MIN_BUCKET = 16
 
@@ -83,10 +90,21 @@ def _record(state: dict, token_B: jnp.ndarray, stop_ids: jnp.ndarray) -> dict:
             "step": state["step"] + 1}
 
 
+def _constrain_cache(cache: dict) -> dict:
+    """Cache rows split like the batch, K/V heads like the attention (logical rules)."""
+    def one(x: jnp.ndarray) -> jnp.ndarray:
+        if x.ndim == 0:
+            return x
+        axes = ("batch", "length", "kv_heads", "head_dim")
+        return nn.with_logical_constraint(x, ("layers",) * (x.ndim - 4) + axes if x.ndim >= 4
+                                          else axes[:x.ndim])
+    return jax.tree.map(one, cache)
+
+
 @functools.partial(jax.jit, static_argnames="s")
 def _prefill(variables, tokens_BP, positions_BP, segments_BP, active_B, key, s: _Settings) -> dict:
     B = tokens_BP.shape[0]
-    cache = init_cache(s.cfg, B, s.cache_len)
+    cache = _constrain_cache(init_cache(s.cfg, B, s.cache_len))
     logits, aux = Decoder(s.cfg).apply(variables, tokens_BP, positions_BP, segments_BP, cache=cache)
     key, sub = jax.random.split(key)
     state = {"cache": aux["cache"], "position": positions_BP[:, -1] + 1, "key": key,
@@ -132,18 +150,49 @@ def _check_args(cfg: ModelConfig, prompt_ids, max_new_tokens, temperature, top_p
                          "pass the lora collection exactly when cfg.lora_rank > 0")
 
 
+def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict[str, Any]:
+    """NamedShardings of the model's variables ({"params"[, "lora"]}) by the logical rules."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    boxed = jax.eval_shape(
+        lambda: Decoder(cfg).init({"params": jax.random.key(0)}, tokens, tokens, tokens + 1))
+    return shd.logical_shardings(dict(boxed), mesh)
+
+
+def default_mesh(params: Any) -> Mesh:
+    """The mesh the params already live on (all NamedSharding on one mesh), else every device
+    on the data axis."""
+    meshes = {leaf.sharding.mesh for leaf in jax.tree.leaves(params)
+              if isinstance(leaf, jax.Array) and isinstance(leaf.sharding, NamedSharding)}
+    if len(meshes) == 1:
+        return meshes.pop()
+    return shd.make_mesh(shd.MeshConfig())
+
+
+def _batch_rows(num_prompts: int, batch_size: int, mesh: Mesh) -> int:
+    """Rows per batch: at most batch_size (no more than the prompts need), rounded up to a
+    multiple of the mesh's batch axes so every device gets the same number of rows."""
+    split = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES]))
+    rows = min(batch_size, bucket(num_prompts, minimum=1))
+    return -(-rows // split) * split
+
+
 def generate(params: Any, cfg: ModelConfig, prompt_ids: list[list[int]], *, max_new_tokens: int,
              stop_ids: Sequence[int], batch_size: int = 16, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, lora: Any = None, progress: bool = True
-             ) -> list[Generation]:
+             top_p: float = 1.0, seed: int = 0, lora: Any = None, progress: bool = True,
+             mesh: Mesh | None = None) -> list[Generation]:
     """Generates for every prompt, in the order given. Prompts are grouped by length into batches
-    of `batch_size` (the last one padded with inactive rows); greedy unless temperature > 0."""
+    of `batch_size` (the last one padded with inactive rows); greedy unless temperature > 0.
+
+    mesh: where to run; None = `default_mesh(params)`. Batches are padded to a multiple of the
+    mesh's data x fsdp size; parameters not yet on the mesh are placed by the logical rules.
+    """
     _check_args(cfg, prompt_ids, max_new_tokens, temperature, top_p, lora)
-    variables = {"params": jax.device_put(params)}
-    if lora is not None:
-        variables["lora"] = jax.device_put(lora)
+    mesh = default_mesh(params) if mesh is None else mesh
+    variables = {"params": params, **({"lora": lora} if lora is not None else {})}
+    variables = jax.device_put(variables, param_shardings(cfg, mesh))
+    rows_sharding = NamedSharding(mesh, P(shd.BATCH_AXES))
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-    batch = min(batch_size, bucket(len(order), minimum=1))
+    batch = _batch_rows(len(order), batch_size, mesh)
     results: list[Generation | None] = [None] * len(order)
     key = jax.random.key(seed)
     bar = tqdm(total=len(order), desc="generating", unit="prompt", disable=not progress)
@@ -153,11 +202,12 @@ def generate(params: Any, cfg: ModelConfig, prompt_ids: list[list[int]], *, max_
         length = bucket(max(len(r) for r in rows))
         settings = _Settings(cfg, bucket(length + max_new_tokens), max_new_tokens,
                              tuple(int(t) for t in stop_ids), float(temperature), float(top_p))
-        tokens, positions, segments = left_pad(rows, length, batch)
-        active = np.arange(batch) < len(rows)
+        inputs = jax.device_put((*left_pad(rows, length, batch), np.arange(batch) < len(rows)),
+                                (*[shd.batch_sharding(mesh)] * 3, rows_sharding))
         key, sub = jax.random.split(key)
-        state = _prefill(variables, tokens, positions, segments, active, sub, settings)
-        state = jax.device_get(_decode(variables, state, settings))
+        with mesh, nn.logical_axis_rules(shd.LOGICAL_RULES):
+            state = _prefill(variables, *inputs, sub, settings)
+            state = jax.device_get(_decode(variables, state, settings))
         for row, i in enumerate(indices):
             n = int(state["length"][row])
             reason = "stop" if state["stopped"][row] else "length"

@@ -152,14 +152,16 @@ class ClassifierJudge:
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
 
     @classmethod
-    def from_model_dir(cls, path: str, batch_size: int = 16) -> "ClassifierJudge":
-        from derta_jax.checkpoints.model_dir import load_model_dir, load_tokenizer
-        cfg, params = load_model_dir(path)
-        return cls(cfg, params, load_tokenizer(path), batch_size=batch_size)
+    def from_checkpoint(cls, path: str, batch_size: int = 16) -> "ClassifierJudge":
+        """Loads a model dir (or training workdir) as eval and generate do."""
+        from derta_jax.evaluation.loading import load_model
+        model = load_model(path)
+        return cls(model.cfg, model.params, model.tokenizer, batch_size=batch_size)
 
     def prompt_ids(self, answer: Answer) -> list[int]:
+        from derta_jax.evaluation.tasks import encode_prompt
         prompt = llama_guard_prompt(self.tokenizer, answer.question, answer.response)
-        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return encode_prompt(prompt, self.tokenizer, chat=True)
 
     def __call__(self, answers: Sequence[Answer]) -> list[dict[str, Any]]:
         from derta_jax.evaluation.generation import generate
@@ -213,7 +215,7 @@ def make_judge(spec: str, tokenizer: Any, batch_size: int = 16) -> Judge:
     if kind == "refusal":
         return RefusalJudge(tokenizer, read_phrases(arg) if arg else DEFAULT_REFUSAL_PHRASES)
     if kind == "classifier" and arg:
-        return ClassifierJudge.from_model_dir(arg, batch_size=batch_size)
+        return ClassifierJudge.from_checkpoint(arg, batch_size=batch_size)
     if kind == "http" and arg:
         return HttpJudge(arg)
     raise ValueError(f"--judge {spec!r}: expected refusal[:<phrases file>], "

@@ -22,13 +22,13 @@ GenerateFn = Callable[..., list]  # the signature of derta_jax.evaluation.genera
 
 @dataclasses.dataclass(frozen=True)
 class EvalModel:
-    """What answering needs: the model, its tokenizer and a name for the report."""
+    """What answering needs: the model (LoRA already merged, see `loading.load_model`), its
+    tokenizer and a name for the report."""
 
     name: str
     cfg: Any
     params: Any
     tokenizer: Any
-    lora: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +98,7 @@ def _answer_batch(test_set, batch, model: EvalModel, options: DecodeOptions, jud
     outputs = generate_fn(model.params, model.cfg, prompt_ids,
                           max_new_tokens=options.max_new_tokens, stop_ids=stop,
                           batch_size=options.batch_size, temperature=options.temperature,
-                          top_p=options.top_p, seed=options.seed, lora=model.lora, progress=False)
+                          top_p=options.top_p, seed=options.seed, progress=False)
     rows = []
     for (index, example), prompt, out in zip(batch, prompts, outputs):
         ids = list(out.token_ids)  # the stop token is not part of it

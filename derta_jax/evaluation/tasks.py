@@ -114,21 +114,34 @@ def build_prompt(question: str, kind: str, tokenizer: Any = None, chat: bool = F
     """
     if not chat:
         return question if kind == COMPLETION_ATTACK else BASE_TEMPLATE.format(question=question)
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ValueError("--chat needs a tokenizer with a chat_template (tokenizer_config.json)")
     if kind == COMPLETION_ATTACK:
         # The user turn is empty: the attack is the assistant's own (harmful) beginning.
         messages = [{"role": "user", "content": ""}, {"role": "assistant", "content": question}]
-        return tokenizer.apply_chat_template(messages, tokenize=False,
-                                             continue_final_message=True)
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
+        return _chat_template(tokenizer).apply_chat_template(messages, tokenize=False,
+                                                             continue_final_message=True)
+    return chat_prompt(question, tokenizer)
+
+
+def chat_prompt(user_message: str, tokenizer: Any) -> str:
+    """One user turn through the tokenizer's chat template, with the generation prompt."""
+    return _chat_template(tokenizer).apply_chat_template(
+        [{"role": "user", "content": user_message}], tokenize=False, add_generation_prompt=True)
+
+
+def _chat_template(tokenizer: Any) -> Any:
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--chat needs a tokenizer with a chat_template (tokenizer_config.json)")
+    return tokenizer
 
 
 def encode_prompt(prompt: str, tokenizer: Any, chat: bool) -> list[int]:
-    """Token ids of a prompt, with BOS decided as for the training data (`data.tokenize`): the
-    base template gets the tokenizer's BOS unless that token is a chat-turn marker; chat prompts
-    carry in their text whatever BOS the template writes."""
+    """Token ids of a prompt text, for eval, generate and the classifier judge alike.
+
+    BOS is decided by the training data's rule (`data.tokenize.resolve_add_bos`), not by the
+    tokenizer's default: a raw or base-template prompt gets the tokenizer's BOS unless that token
+    is a chat-turn marker (SmolLM2's `<|im_start|>`); a chat-templated prompt carries in its text
+    whatever BOS the template writes, so nothing is added. Special-token strings in the text
+    (`<|eot_id|>`) become their ids."""
     bos = [tokenizer.bos_token_id] if resolve_add_bos(tokenizer, "chat" if chat else "base",
                                                       None) else []
     return bos + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])

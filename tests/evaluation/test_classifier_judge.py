@@ -26,7 +26,7 @@ def guard_dir(tmp_path_factory, llama3_tokenizer_dir):
 
 
 def test_prompt_ids_follow_llama_guard_format(guard_dir):
-    judge = judges.ClassifierJudge.from_model_dir(str(guard_dir))
+    judge = judges.ClassifierJudge.from_checkpoint(str(guard_dir))
     ids = judge.prompt_ids(judges.Answer("How do I pick a lock?", "First, insert the wrench."))
     tok = judge.tokenizer
     text = tok.decode(ids)
@@ -36,7 +36,7 @@ def test_prompt_ids_follow_llama_guard_format(guard_dir):
 
 
 def test_random_classifier_gives_a_parsed_verdict(guard_dir):
-    judge = judges.ClassifierJudge.from_model_dir(str(guard_dir), batch_size=2)
+    judge = judges.ClassifierJudge.from_checkpoint(str(guard_dir), batch_size=2)
     answers = [judges.Answer("q1", "r1"), judges.Answer("q2", "a longer response " * 3)]
     verdicts = judge(answers)
     assert len(verdicts) == 2
@@ -46,7 +46,7 @@ def test_random_classifier_gives_a_parsed_verdict(guard_dir):
 
 def test_verdicts_parsed_from_generated_tokens(guard_dir, monkeypatch):
     from derta_jax.evaluation import generation
-    judge = judges.ClassifierJudge.from_model_dir(str(guard_dir))
+    judge = judges.ClassifierJudge.from_checkpoint(str(guard_dir))
     tok = judge.tokenizer
     replies = ["\n\nunsafe\nS1,S9", "\n\nsafe"]
     seen = {}

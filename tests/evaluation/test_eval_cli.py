@@ -73,7 +73,7 @@ def test_eval_writes_answers_and_report_and_resumes(model_dir, test_files, tmp_p
 
 
 def test_cli_errors(model_dir, test_files, tmp_path):
-    with pytest.raises(ValueError, match="neither a model dir"):
+    with pytest.raises(ValueError, match="is not a derta_jax checkpoint"):
         eval_cli.main(["--checkpoint", str(tmp_path), "--tests", test_files, "--out", str(tmp_path / "o")])
     with pytest.raises(ValueError, match="--kind has 2 entries for 3"):
         eval_cli.main(["--checkpoint", str(model_dir), "--tests", test_files, "--out",

@@ -77,14 +77,22 @@ def test_sample_top_p_keeps_the_nucleus():
 
 
 def test_prompt_lengths_within_a_bucket_share_one_compilation(params):
-    generation._prefill.clear_cache()
-    generation._decode.clear_cache()
-    for prompt in ([1, 2, 3], [4] * 9, [5] * 16):  # all in the 16-token bucket
-        generate(params, CFG, [prompt], max_new_tokens=4, stop_ids=[2], progress=False)
-    assert generation._prefill._cache_size() == 1
-    assert generation._decode._cache_size() == 1
-    generate(params, CFG, [[6] * 17], max_new_tokens=4, stop_ids=[2], progress=False)
-    assert generation._prefill._cache_size() == 2
+    compiles = []
+
+    def count(event, duration_secs, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    generate(params, CFG, [[1, 2, 3]], max_new_tokens=4, stop_ids=[2], progress=False)  # warm up
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        for prompt in ([4] * 9, [5] * 16):  # the same 16-token bucket: nothing compiled
+            generate(params, CFG, [prompt], max_new_tokens=4, stop_ids=[2], progress=False)
+        assert compiles == []
+        generate(params, CFG, [[6] * 17], max_new_tokens=4, stop_ids=[2], progress=False)
+        assert len(compiles) >= 2  # a new bucket: prefill and decode compiled again
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
 
 
 def test_left_pad_layout():

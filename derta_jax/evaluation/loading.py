@@ -1,0 +1,84 @@
+"""The one way eval, generate and the classifier judge load a model for inference.
+
+    ckpt = resolve_checkpoint(<model dir | training workdir | workdir/checkpoints/<step>>, step)
+    model = load_model(ckpt, dtype=None, mesh=None)   # -> runner.EvalModel, params on the mesh
+
+Tensors are read one at a time (`checkpoints/resolve.py`), LoRA adapters are merged into their
+kernels on the way (`models/lora.merge_lora`), and each tensor goes straight to its place on the
+mesh (logical-axis rules), so host memory holds about one tensor, never the whole model.
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from jax.sharding import Mesh
+
+from derta_jax.checkpoints.model_dir import load_tokenizer
+from derta_jax.checkpoints.resolve import Checkpoint, resolve_checkpoint
+from derta_jax.evaluation.generation import param_shardings
+from derta_jax.evaluation.runner import EvalModel
+from derta_jax.models.config import ModelConfig
+from derta_jax.models.lora import merge_lora
+from derta_jax.training import sharding as shd
+
+def parse_mesh(text: str | None) -> Mesh:
+    """`--mesh DATA,FSDP,TENSOR` (one may be -1); None = every device on the data axis."""
+    if text is None:
+        return shd.make_mesh(shd.MeshConfig())
+    try:
+        sizes = [int(s) for s in text.split(",")]
+    except ValueError:
+        sizes = []
+    if len(sizes) != 3:
+        raise ValueError(f"--mesh {text!r}: expected three integers DATA,FSDP,TENSOR (e.g. -1,1,8)")
+    return shd.make_mesh(shd.MeshConfig(*sizes))
+
+
+def inference_config(cfg: ModelConfig, dtype: str | None = None) -> ModelConfig:
+    """The config to generate with: canonical layer layout, no remat, adapters merged away;
+    `dtype` (float32 | bfloat16) sets both the compute and the parameter dtype."""
+    cfg = cfg.replace(scan_layers=False, remat="none", lora_rank=0, lora_dropout=0.0)
+    return cfg if dtype is None else cfg.replace(dtype=dtype, param_dtype=dtype)
+
+
+def model_name(ckpt: Checkpoint) -> str:
+    """The report's name: the model dir's name, or `<workdir name>@<step>`."""
+    folder = ckpt.tokenizer_dir if ckpt.kind == "model_dir" else ckpt.tokenizer_dir.parent
+    return folder.name if ckpt.step is None else f"{folder.name}@{ckpt.step}"
+
+
+def _tensor(ckpt: Checkpoint, path: tuple[str, ...], adapted: set[tuple[str, ...]]) -> np.ndarray:
+    """One canonical tensor as stored, with its LoRA adapter (if any) merged in."""
+    kernel = ckpt.read_param(path)
+    if path not in adapted:
+        return kernel
+    a, b = ckpt.read_lora(path)
+    merged = merge_lora({"kernel": kernel}, {"lora_a": a, "lora_b": b}, ckpt.cfg)["kernel"]
+    return np.asarray(merged)
+
+
+def load_model(ckpt: Checkpoint | str | pathlib.Path, dtype: str | None = None,
+               mesh: Mesh | None = None) -> EvalModel:
+    """The params of a resolved checkpoint on `mesh` (default: every device on the data axis),
+    LoRA merged, cast to `dtype` when given, with the tokenizer saved beside them."""
+    if not isinstance(ckpt, Checkpoint):
+        ckpt = resolve_checkpoint(ckpt)
+    if dtype not in (None, "float32", "bfloat16"):
+        raise ValueError(f"dtype={dtype!r}: expected float32 or bfloat16")
+    cfg = inference_config(ckpt.cfg, dtype)
+    mesh = parse_mesh(None) if mesh is None else mesh
+    shardings = traverse_util.flatten_dict(param_shardings(cfg, mesh)["params"])
+    adapted = set(ckpt.lora_kernels())
+    flat: dict[tuple[str, ...], Any] = {}
+    for path in ckpt.params:
+        tensor = _tensor(ckpt, path, adapted)
+        if dtype is not None:
+            tensor = tensor.astype(jnp.dtype(dtype))
+        flat[path] = jax.device_put(tensor, shardings[path])
+    params = traverse_util.unflatten_dict(flat)
+    return EvalModel(model_name(ckpt), cfg, params, load_tokenizer(ckpt.tokenizer_dir))
