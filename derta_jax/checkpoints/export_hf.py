@@ -94,7 +94,8 @@ def _to_hf(x: np.ndarray, source: Path, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _make(ckpt: Checkpoint, t: OutTensor, merge: bool) -> np.ndarray:
-    """The array of `t`, in Hugging Face layout, float32 or as stored."""
+    """The array of `t` in Hugging Face layout and the stored dtype; a merged kernel is summed
+    in float32 (`merge_lora`) and cast back to the stored dtype."""
     if t.kind != "param":
         a, b = ckpt.read_lora(t.source)
         return a.T if t.kind == "lora_A" else b.T
