@@ -1,7 +1,8 @@
 """Train a model with DeRTa: `python -m derta_jax.train --config=configs/llama3.py:8b --workdir DIR`.
 
-Every config key can be overridden (`--config.train.steps=100`). Multi-host: pass --coordinator
-HOST:PORT --num_processes N --process_id I on every process (launch/ scripts do); only process 0
+Every config key can be overridden (`--config.train.steps=100`). Multi-host: under SLURM and on
+Cloud TPU VMs jax.distributed is initialised automatically; elsewhere pass --coordinator HOST:PORT
+--num_processes N --process_id I on every process (launch/local_multiprocess.sh does). Only process 0
 writes logs. See derta_jax/training/loop.py for what a workdir holds.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from derta_jax.training import loop
+from derta_jax.training import distributed, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:variant]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder (checkpoints, metrics, model/)")
@@ -23,25 +24,18 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "jax.distributed pr
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's id in [0, num_processes)")
 
 
-def init_distributed(coordinator: str | None, num_processes: int | None,
-                     process_id: int | None) -> None:
-    """jax.distributed.initialize when a coordinator is given (gloo collectives on CPU)."""
-    given = [v is not None for v in (coordinator, num_processes, process_id)]
-    if not any(given):
-        return
-    if not all(given):
-        raise app.UsageError("--coordinator, --num_processes and --process_id go together")
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    try:
+        joined = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save step at INFO
     logging.getLogger("derta_jax").setLevel(
         logging.INFO if jax.process_index() == 0 else logging.WARNING)
+    logging.getLogger("derta_jax").info("process %d of %d (%s)", jax.process_index(),
+                                        jax.process_count(), joined)
     metrics = loop.train(_CONFIG.value, _WORKDIR.value)
     if jax.process_index() == 0:
         print({k: round(v, 4) for k, v in metrics.items()})

@@ -85,10 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.steps = -1  # optimizer steps; -1 = from train.epochs
     t.log_every = 1  # write metrics every N steps
     t.peak_tflops = 0.0  # per-device peak for perf/mfu; 0 = measure a matmul at start
-
-    c.eval = ev = ml_collections.ConfigDict()
-    ev.prompts = ""  # JSON lines with `question` for a before/after look; '' = none
-    ev.max_new_tokens = 64  # generation length for that look
+    t.stop_at = -1  # save and exit after this step, as a preempted run would; -1 = run to the end
     return c
 
 

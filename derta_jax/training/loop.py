@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import tqdm
@@ -148,6 +149,14 @@ class _Preemption:
     def _handle(self, signum, frame):
         self.requested = True
 
+    def requested_anywhere(self) -> bool:
+        """True on every process once any process got SIGTERM, so all of them save the same step
+        (a collective per step, only when there are several processes)."""
+        if jax.process_count() == 1:
+            return self.requested
+        flags = multihost_utils.process_allgather(np.array(self.requested))
+        return bool(np.any(flags))
+
     def restore(self) -> None:
         signal.signal(signal.SIGTERM, self._previous)
 
@@ -230,10 +239,9 @@ def _prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> _Run:
     return _Run(cfg, steps, start, state, loader, mngr, train_step, mesh)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-          stop_at: int | None = None) -> dict[str, float]:
-    """Runs (or resumes) training; returns the last step's metrics. `stop_at`: save and return
-    after that step, as a preempted run would."""
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
+    """Runs (or resumes) training; returns the last step's metrics. With `train.stop_at` it saves
+    and returns after that step, as a preempted run would."""
     config_lib.validate(config)
     workdir = pathlib.Path(workdir).absolute()
     run = _prepare(config, workdir)
@@ -245,7 +253,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                      per_device * jax.device_count(), t.log_every)
     preemption = _Preemption()
     try:
-        return _loop(run, config.checkpoint.every_steps, stop_at, logger, preemption)
+        return _loop(run, config.checkpoint.every_steps, t.stop_at, logger, preemption)
     finally:
         run.mngr.wait_until_finished()
         run.mngr.close()
@@ -253,7 +261,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         preemption.restore()
 
 
-def _loop(run: _Run, every: int, stop_at: int | None, logger: _Logger,
+def _loop(run: _Run, every: int, stop_at: int, logger: _Logger,
           preemption: _Preemption) -> dict[str, float]:
     """The steps; metrics of step t are fetched after step t+1 is launched."""
     base_rng = jax.device_get(run.state["rng"])
@@ -267,7 +275,7 @@ def _loop(run: _Run, every: int, stop_at: int | None, logger: _Logger,
         if pending is not None:
             last = logger(*pending)
         pending = (step, metrics, tokens)
-        stop = step == stop_at or preemption.requested
+        stop = step == stop_at or preemption.requested_anywhere()
         if step % every == 0 or step == run.steps or stop:
             ckpt.save(run.mngr, step, state, run.loader)
         if stop:

@@ -19,8 +19,10 @@ def final_params(workdir: pathlib.Path, step: int):
 def test_three_steps_stop_resume_three_equal_six_straight(tmp_path, llama3_tokenizer_dir):
     config = tiny_config(steps=6)
     loop.train(config, tmp_path / "straight")
-    loop.train(config, tmp_path / "resumed", stop_at=3)
+    config.train.stop_at = 3
+    loop.train(config, tmp_path / "resumed")
     assert len(read_metrics(tmp_path / "resumed")) == 3
+    config.train.stop_at = -1
     loop.train(config, tmp_path / "resumed")
     straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
     assert [m["step"] for m in resumed] == list(range(1, 7))
