@@ -26,6 +26,7 @@ from derta_jax.models.config import ModelConfig
 from derta_jax.models.lora import merge_lora
 from derta_jax.training import sharding as shd
 
+
 def parse_mesh(text: str | None) -> Mesh:
     """`--mesh DATA,FSDP,TENSOR` (one may be -1); None = every device on the data axis."""
     if text is None:

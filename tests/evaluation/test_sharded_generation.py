@@ -5,6 +5,7 @@ from jax.sharding import NamedSharding
 
 from derta_jax.evaluation import generation
 from derta_jax.evaluation.generation import generate
+from derta_jax.evaluation.loading import parse_mesh
 from derta_jax.models.config import ModelConfig
 from derta_jax.models.decoder import init_variables
 from derta_jax.training.sharding import MeshConfig, make_mesh
@@ -70,3 +71,14 @@ def test_batch_rows_round_up_to_the_data_parallel_size():
     assert [generation._batch_rows(n, 16, mesh) for n in (1, 3, 5, 40)] == [4, 4, 8, 16]
     assert generation._batch_rows(40, 6, mesh) == 8
     assert generation._batch_rows(3, 16, make_mesh(MeshConfig(), jax.devices()[:1])) == 4
+
+
+def test_mesh_flag():
+    assert dict(parse_mesh(None).shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert dict(parse_mesh("-1,1,2").shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+    with pytest.raises(ValueError, match=r"--mesh '2,2': expected three integers"):
+        parse_mesh("2,2")
+    with pytest.raises(ValueError, match=r"--mesh 'a,b,c'"):
+        parse_mesh("a,b,c")
+    with pytest.raises(ValueError, match="data\\*fsdp\\*tensor = 3"):
+        parse_mesh("3,1,1")
