@@ -88,8 +88,8 @@ class Decoder(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
                          param_dtype=jnp.dtype(cfg.param_dtype), name="embed_tokens",
-                         embedding_init=nn.with_logical_partitioning(
-                             nn.initializers.normal(1.0), ("vocab", "embed")))
+                         embedding_init=nn.with_logical_partitioning(  # HF initializer_range
+                             nn.initializers.normal(0.02), ("vocab", "embed")))
         x = nn.with_logical_constraint(embed(tokens_BL), ("batch", "length", "embed"))
         shared, k_pos, k_seg = self._shared_inputs(positions_BL, segment_ids_BL, cache)
         x, stats, layer_caches = self._layers(x, shared, cache, deterministic)
