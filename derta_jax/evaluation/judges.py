@@ -3,7 +3,7 @@
 - `refusal` or `refusal:<phrases.txt>` (default): refusal-phrase matcher. Reports refusal anywhere
   and within the first 5 tokens separately, and the token position where refusal starts (paper
   Figure 4). Harmful = no refusal anywhere.
-- `classifier:<model dir>`: a Llama-Guard-3 style LLaMA classifier run through our decoder; parses
+- `classifier:<model dir | workdir>`: a Llama-Guard-3 style LLaMA classifier run through our decoder; parses
   `safe` / `unsafe` + categories.
 - `http:<url>[#model]`: an OpenAI-compatible chat endpoint with a judging prompt (urllib only; API
   key from `DERTA_JUDGE_API_KEY`). Off unless asked for.

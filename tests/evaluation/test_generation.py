@@ -53,7 +53,7 @@ def test_stop_ids_end_rows_and_are_excluded(params, references):
         cut = next((i for i, t in enumerate(ref) if t in stops), None)
         want = Generation(ref, "length") if cut is None else Generation(ref[:cut], "stop")
         assert got == want
-    assert out[0] == Generation(references[0][:2], "stop")
+    assert out[0].finish_reason == out[2].finish_reason == "stop"
 
 
 def test_top_p_sampling(params, references):
