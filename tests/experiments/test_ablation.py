@@ -71,7 +71,7 @@ def test_losses_come_from_the_last_step_of_each_seed(ablation_run):
                            .read_text().splitlines()[-1]) for s in (0, 1)]
         assert [m["step"] for m in last] == [2, 2]
         mle = [m["loss/mle"] for m in last]
-        assert rows[label][3] == f"{statistics.mean(mle):.1f} ± {statistics.stdev(mle):.1f}"
+        assert rows[label][3] == f"{statistics.mean(mle):.2f} ± {statistics.stdev(mle):.2f}"
     # No RTO example in vanilla: no RTO loss to report; DeRTa has one.
     assert rows["Vanilla (`vanilla`)"][4] == "-"
     assert rows["DeRTa (`derta`)"][4] != "-"
@@ -88,9 +88,7 @@ def test_asr_is_the_share_of_unrefused_attack_answers(ablation_run):
                                                "completionattack.jsonl").read_text().splitlines()]
             assert len(answers) == 2
             asr.append(100.0 * sum(not a["judges"]["refusal"]["refused"] for a in answers) / 2)
-        mean, sd = statistics.mean(asr), statistics.stdev(asr)
-        want = f"{mean:.2f} ± {sd:.2f}" if mean < 10 else f"{mean:.1f} ± {sd:.1f}"
-        assert rows[label][0] == want
+        assert rows[label][0] == f"{statistics.mean(asr):.1f} ± {statistics.stdev(asr):.1f}"
 
 
 def test_recipes_get_the_same_budget(ablation_run):
@@ -109,12 +107,11 @@ def test_recipes_get_the_same_budget(ablation_run):
 def test_a_rerun_skips_finished_work(ablation_run, monkeypatch):
     out, markdown, argv = ablation_run
     from derta_jax import eval as eval_cli
-    from derta_jax.training import loop
 
     def refuse(*args, **kwargs):
         raise AssertionError("finished work was redone")
 
-    monkeypatch.setattr(loop, "train", refuse)
+    monkeypatch.setattr(ablation.loop, "train", refuse)
     monkeypatch.setattr(eval_cli, "evaluate", refuse)
     again = ablation.main(argv)
     assert table(again) == table(markdown)
@@ -122,9 +119,15 @@ def test_a_rerun_skips_finished_work(ablation_run, monkeypatch):
 
 def test_mean_spread_is_mean_and_sample_standard_deviation():
     assert ablation.mean_spread([10.0, 20.0]) == "15.0 ± 7.1"
-    assert ablation.mean_spread([1.0, 2.0, 3.0]) == "2.00 ± 1.00"
+    assert ablation.mean_spread([1.0, 2.0, 3.0], digits=2) == "2.00 ± 1.00"
     assert ablation.mean_spread([None, None]) == "-"
-    assert ablation.mean_spread([42.0]) == "42.0"
+    assert ablation.mean_spread([42.0, None]) == "42.0"
+
+
+def test_ranking_marks_ties_and_strict_order():
+    assert ablation.ranking({"vanilla": 95.0, "derta": 4.0, "rto_only": 5.0, "recaug": 25.0}) == \
+        "DeRTa 4.0 < +RTO 5.0 < +Harmful Prefix 25.0 < Vanilla 95.0"
+    assert ablation.ranking({"vanilla": 50.0, "derta": 50.0}) == "Vanilla 50.0 = DeRTa 50.0"
 
 
 def test_bad_override_and_budget_are_named(tmp_path):
