@@ -1,4 +1,7 @@
-"""A small end-to-end eval of the real SmolLM2-135M: our answers equal transformers' greedy ones."""
+"""A small end-to-end eval of the real SmolLM2-135M: our answers equal transformers' greedy ones.
+
+Run with the parameters split over the 8 test devices (fsdp): each device holds 1/8 of them.
+"""
 import json
 
 import pytest
@@ -24,7 +27,7 @@ def test_smollm2_eval_matches_transformers_greedy(smollm2_dir, smollm2_gguf, tmp
     tests = f"{DEMO}/safety_harmful_questions.jsonl"
     rep = eval_cli.main(["--checkpoint", str(smollm2_dir), "--tests", tests, "--out",
                          str(tmp_path), "--limit", "2", "--chat", "--max-new-tokens", str(MAX_NEW),
-                         "--batch-size", "2", "--no-progress"])
+                         "--batch-size", "2", "--mesh", "1,8,1", "--no-progress"])
     assert set(rep["table"]) == {"harmful_questions"}
     rows = [json.loads(line) for line in (tmp_path / "harmful_questions.jsonl").open()]
     assert len(rows) == 2
