@@ -31,3 +31,48 @@ def smollm2_gguf() -> pathlib.Path:
     if not path.exists():
         pytest.skip(f"SmolLM2 GGUF missing at {path}")
     return path
+
+
+TINY_HF = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32}
+
+
+def tiny_hf_model(kind: str):
+    """A tiny random transformers model (the reference): llama (3.1 rope scaling, untied),
+    llama_tied, mistral (window 8), mixtral (4 experts, top 2)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(**TINY_HF, rope_parameters=LLAMA31_ROPE)
+        return transformers.LlamaForCausalLM(cfg).eval()
+    if kind == "llama_tied":
+        cfg = transformers.LlamaConfig(**TINY_HF, tie_word_embeddings=True)
+        return transformers.LlamaForCausalLM(cfg).eval()
+    if kind == "mistral":
+        cfg = transformers.MistralConfig(**TINY_HF, sliding_window=8)
+        return transformers.MistralForCausalLM(cfg).eval()
+    if kind == "mixtral":
+        cfg = transformers.MixtralConfig(**TINY_HF, num_local_experts=4, num_experts_per_tok=2)
+        return transformers.MixtralForCausalLM(cfg).eval()
+    raise ValueError(f"unknown tiny model kind {kind!r}")
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """kind -> (folder written by save_pretrained, the model). Built once per kind."""
+    cache = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            model = tiny_hf_model(kind)
+            folder = tmp_path_factory.mktemp(f"hf_{kind}")
+            model.save_pretrained(folder)
+            cache[kind] = (folder, model)
+        return cache[kind]
+
+    return get

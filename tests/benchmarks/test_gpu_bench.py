@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from benchmarks import gpu_bench
-from conftest import ROOT
+from tests.conftest import ROOT
 from derta_jax.models.decoder import init_variables
 from derta_jax.training import perf
 

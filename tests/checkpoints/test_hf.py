@@ -1,4 +1,5 @@
 """load_hf against tiny random checkpoints written by transformers' save_pretrained."""
+import copy
 import json
 import shutil
 import subprocess
@@ -143,8 +144,7 @@ def test_sharded_checkpoint_equals_single_file(hf_checkpoint, tmp_path):
 def test_bfloat16_checkpoint_loads_without_torch(hf_checkpoint, tmp_path):
     """bf16 safetensors are read with numpy + ml_dtypes; torch is blocked in the subprocess."""
     _, model = hf_checkpoint("llama")
-    model.to(torch.bfloat16).save_pretrained(tmp_path)
-    model.to(torch.float32)
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(tmp_path)  # the fixture is shared
     script = (
         "import sys; sys.modules['torch'] = None\n"
         "import numpy as np\n"

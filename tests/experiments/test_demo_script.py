@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT
+from tests.conftest import ROOT
 
 
 def dry_run(*args: str, **env: str) -> list[list[str]]:

@@ -37,8 +37,8 @@ def test_a_step_only_applies_to_a_workdir(model_dir):
         resolve_checkpoint(model_dir("llama"), step=3)
 
 
-def test_checkpoints_that_are_not_ours(hf_model, model_dir, tmp_path):
-    hf_folder, _ = hf_model("llama")
+def test_checkpoints_that_are_not_ours(hf_checkpoint, model_dir, tmp_path):
+    hf_folder, _ = hf_checkpoint("llama")
     with pytest.raises(ValueError, match=r"is a Hugging Face checkpoint; convert it first"):
         resolve_checkpoint(hf_folder)
     with pytest.raises(ValueError, match=r"not a derta_jax checkpoint: it does not exist"):

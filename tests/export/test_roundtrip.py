@@ -25,8 +25,8 @@ def head_dim(config: transformers.PretrainedConfig) -> int:
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama_tied", "mistral", "mixtral"])
-def test_round_trip_is_bit_identical(kind, hf_model, model_dir, tmp_path):
-    folder, model = hf_model(kind)
+def test_round_trip_is_bit_identical(kind, hf_checkpoint, model_dir, tmp_path):
+    folder, model = hf_checkpoint(kind)
     out = export.main(["--checkpoint", str(model_dir(kind)), "--out", str(tmp_path / "hf"),
                        "--max-shard-size", "20KB"])
     ref, got = read_safetensors(folder), read_safetensors(out)
@@ -64,8 +64,8 @@ def test_tokenizer_and_generation_config(model_dir, llama3_tokenizer_dir, tmp_pa
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
 
 
-def test_bfloat16_export_rounds_like_torch(hf_model, model_dir, tmp_path):
-    folder, model = hf_model("llama")
+def test_bfloat16_export_rounds_like_torch(hf_checkpoint, model_dir, tmp_path):
+    folder, model = hf_checkpoint("llama")
     out = export.main(["--checkpoint", str(model_dir("llama")), "--out", str(tmp_path / "hf"),
                        "--dtype", "bfloat16"])
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out)

@@ -8,7 +8,7 @@ import sys
 import jax
 import numpy as np
 
-from conftest import ROOT
+from tests.conftest import ROOT
 from derta_jax.checkpoints.resolve import resolve_checkpoint
 
 TRAIN = ["--config=configs/tiny.py", "--config.train.steps=4", "--config.train.batch_size=8",

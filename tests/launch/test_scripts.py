@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT
+from tests.conftest import ROOT
 
 LAUNCH = ROOT / "launch"
 TRAIN_ARGS = ["--config=configs/llama3.py:8b", "--workdir", "gs://bucket/run 1"]
