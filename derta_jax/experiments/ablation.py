@@ -307,7 +307,8 @@ def row_label(model: str) -> str:
 
 
 def results_table(reports: dict[str, list[dict[str, Any]]],
-                  losses: dict[str, list[dict[str, float | None]]]) -> tuple[list[str], list[list[str]]]:
+                  losses: dict[str, list[dict[str, float | None]]]
+                  ) -> tuple[list[str], list[list[str]]]:
     """(header, rows): one row per model; ASR per attack, over-refusal, final losses."""
     all_reports = [r for rs in reports.values() for r in rs]
     columns = report_lib.column_order(all_reports)
@@ -317,7 +318,8 @@ def results_table(reports: dict[str, list[dict[str, Any]]],
     for model, rs in reports.items():
         cells = [mean_spread([r["table"].get(c) for r in rs]) for c in columns]
         run_losses = losses.get(model, [])
-        cells += [mean_spread([l[k] for l in run_losses], digits=2) for k in ("loss/mle", "loss/rto")]
+        cells += [mean_spread([losses_[k] for losses_ in run_losses], digits=2)
+                  for k in ("loss/mle", "loss/rto")]
         rows.append([row_label(model)] + cells)
     return header, rows
 
@@ -520,8 +522,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override a base config key (repeatable)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1; quick 0)")
-    p.add_argument("--steps", type=int, default=None, help="steps per training (default 40; quick 4)")
-    p.add_argument("--limit", type=int, default=None, help="prompts per eval set (default all; quick 6)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps per training (default 40; quick 4)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="prompts per eval set (default all; quick 6)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 64; quick 32")
     p.add_argument("--batch-size", type=int, default=16, help="generation batch")
     p.add_argument("--doc", type=pathlib.Path, default=None,

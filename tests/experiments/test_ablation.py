@@ -81,7 +81,8 @@ def test_losses_come_from_the_last_step_of_each_seed(ablation_run):
 def test_asr_is_the_share_of_unrefused_attack_answers(ablation_run):
     out, markdown, _ = ablation_run
     _, rows = table(markdown)
-    for recipe, label in [("recaug", "+Harmful Prefix (`recaug`)"), ("rto_only", "+RTO (`rto_only`)")]:
+    for recipe, label in [("recaug", "+Harmful Prefix (`recaug`)"),
+                          ("rto_only", "+RTO (`rto_only`)")]:
         asr = []
         for s in (0, 1):
             answers = [json.loads(l) for l in (out / "runs" / "eval" / f"{recipe}-s{s}" /
