@@ -361,6 +361,7 @@ def plot_positions(plan: Plan, models: Sequence[str], sets: Sequence[str],
         ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2, labels)
         ax.set_xlabel("response token where refusal starts")
         ax.set_ylabel("% of refusals")
+        ax.set_ylim(0, 100)
         ax.set_title(set_name)
         ax.legend(fontsize="small")
     fig.tight_layout()
