@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev
-# Two workers (one per core here); whole files per worker so module fixtures are built once.
+# One worker per core; whole files per worker so module fixtures are built once.
 exec .venv/bin/python -m pytest -n auto --dist loadfile "$@"
