@@ -68,12 +68,11 @@ def load_examples(config: ml_collections.ConfigDict, tokenizer: Any) -> list[Any
     counts = {f"{p}_count": (None if d[f"{p}_count"] < 0 else d[f"{p}_count"])
               for p in ("helpful", "rto", "prefix", "vanilla")}
     counts = {k: v for k, v in counts.items() if v is not None}
-    examples, stats = pipeline.training_examples(
+    examples, _ = pipeline.training_examples(  # logs what it kept, truncated and dropped
         tokenizer, recipe=d.recipe, safety=d.safety or pipeline.DEMO_SAFETY,
         helpful=d.helpful or pipeline.DEMO_HELPFUL, max_length=d.max_length,
         refusal_token=d.refusal_token, template=d.template, cut=d.cut, seed=d.seed,
         skip_invalid=d.skip_invalid, **counts)
-    log.info("data: %d examples (%s)", len(examples), stats)
     return examples
 
 
