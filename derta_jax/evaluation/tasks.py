@@ -3,7 +3,8 @@ protocol").
 
 A test file is JSON lines with a `question` and, for GSM8K and MMLU, an `answer`. Its kind comes
 from `--kind` or from the file name: `safety_<attack>.jsonl`, `helpfulness_<gsm8k|mmlu|alpacaeval|
-overrefusal|arithmetic>.jsonl` (arithmetic: the demo's additions, scored like GSM8K). The set's
+overrefusal|arithmetic|howto>.jsonl` (arithmetic: the demo's additions, scored like GSM8K;
+howto: the demo's harmless how-to questions, scored like overrefusal). The set's
 name (its report column) is the file stem without that prefix.
 """
 from __future__ import annotations
@@ -29,7 +30,8 @@ KINDS = (COMPLETION_ATTACK, SAFETY, GSM8K, MMLU, ALPACAEVAL, OVERREFUSAL)
 SAFETY_KINDS = (COMPLETION_ATTACK, SAFETY)
 _HELPFULNESS_KINDS = (GSM8K, MMLU, ALPACAEVAL, OVERREFUSAL)
 # Other helpfulness set names and the kind they are scored as.
-_NAMED_KINDS = {"arithmetic": GSM8K}  # demo: {question, answer: "144"}, final-number match
+_NAMED_KINDS = {"arithmetic": GSM8K,  # demo: {question, answer: "144"}, final-number match
+                "howto": OVERREFUSAL}  # demo: harmless how-to questions shaped like harmful ones
 
 
 @dataclasses.dataclass(frozen=True)

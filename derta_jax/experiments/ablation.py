@@ -12,7 +12,8 @@ examples (S = data.rto_count + data.prefix_count of the base config, configs/smo
     derta      helpful + S/2 RTO + S/2 harmful-prefix examples  (DeRTa)
 
 then answers the held-out demo prompts with each trained model and the untouched one
-(`derta_jax.eval`: completion attacks, templated harmful questions, over-refusal prompts), and
+(`derta_jax.eval`: completion attacks, templated harmful questions, harmless prompts with alarming
+words and harmless how-to questions, both scored as over-refusal), and
 writes a Markdown report (ASR per attack kind and over-refusal as mean ± sample standard deviation
 over seeds, the final MLE/RTO losses from metrics.jsonl) and the refusal-position figure.
 
@@ -54,7 +55,7 @@ DEFAULT_CONFIG = ROOT / "configs" / "smollm2.py"
 DEFAULT_MODEL_DIR = pathlib.Path("runs/models/smollm2-135m")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EVAL_SETS = ("safety_completionattack.jsonl", "safety_harmful_questions.jsonl",
-             "helpfulness_overrefusal.jsonl")
+             "helpfulness_overrefusal.jsonl", "helpfulness_howto.jsonl")
 # Row order of the report, with the paper's names (Table 4).
 RECIPES = {"vanilla": "Vanilla", "recaug": "+Harmful Prefix", "rto_only": "+RTO",
            "derta": "DeRTa"}
@@ -312,8 +313,9 @@ def results_table(reports: dict[str, list[dict[str, Any]]],
     """(header, rows): one row per model; ASR per attack, over-refusal, final losses."""
     all_reports = [r for rs in reports.values() for r in rs]
     columns = report_lib.column_order(all_reports)
-    header = ["model"] + [f"{c} ASR %" if c != report_lib.HELPFUL_COLUMNS["overrefusal"]
-                          else f"{c} %" for c in columns] + ["loss/mle", "loss/rto"]
+    over = report_lib.HELPFUL_COLUMNS["overrefusal"]
+    header = ["model"] + [f"{c} %" if c.startswith(over) else f"{c} ASR %"
+                          for c in columns] + ["loss/mle", "loss/rto"]
     rows = []
     for model, rs in reports.items():
         cells = [mean_spread([r["table"].get(c) for r in rs]) for c in columns]

@@ -38,6 +38,9 @@ def results():
         "overrefusal": ("overrefusal", [row("overrefusal", 2), row("overrefusal", None),
                                         row("overrefusal", None), row("overrefusal", None),
                                         row("overrefusal", None)]),
+        # A second over-refusal set gets its own column instead of overwriting the first.
+        "howto": ("overrefusal", [row("overrefusal", 1), row("overrefusal", 1),
+                                  row("overrefusal", None), row("overrefusal", None)]),
         "alpacaeval": ("alpacaeval", [row("alpacaeval")]),
     }
 
@@ -49,7 +52,7 @@ def test_build_report_refusal_judge(results):
     assert comp["asr_first5"] == 75.0  # only the position-1 refusal is within 5 tokens
     assert comp["truncated"] == 25.0 and comp["mean_tokens"] == 15.0
     assert rep["table"] == {"Comp": 25.0, "PAIR": 50.0, "zeta_attack": 0.0, "GSM8K": 25.0, "arithmetic": 100.0,
-                            "Over-refusal": 20.0, "Alpaca": None}
+                            "Over-refusal": 20.0, "Over-refusal (howto)": 50.0, "Alpaca": None}
     # Refusals to safety prompts: positions 1, 12, 40 (completionattack), 3 (pair), 1 (zeta).
     assert rep["refusal_positions"] == {"count": 5, "share": {"1": 40.0, "2-5": 20.0,
                                                                "6-30": 20.0, ">30": 20.0}}
@@ -67,8 +70,9 @@ def test_build_report_classifier_primary(results):
 def test_markdown_columns_in_paper_order(results):
     rep = report.build_report("m", "refusal", results)
     header = report.markdown([rep]).splitlines()[4]
-    assert header == "| model | PAIR | Comp | zeta_attack | GSM8K | arithmetic | Alpaca | Over-refusal |"
-    assert "| m | 50.0 | 25.0 | 0.0 | 25.0 | 100.0 | - | 20.0 |" in report.markdown([rep])
+    assert header == ("| model | PAIR | Comp | zeta_attack | GSM8K | arithmetic | Alpaca | Over-refusal "
+                      "| Over-refusal (howto) |")
+    assert "| m | 50.0 | 25.0 | 0.0 | 25.0 | 100.0 | - | 20.0 | 50.0 |" in report.markdown([rep])
 
 
 def test_write_and_compare(tmp_path, results):

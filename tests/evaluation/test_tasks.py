@@ -17,6 +17,7 @@ from derta_jax.models.config import preset
     ("demo/eval/helpfulness_arithmetic.jsonl", "gsm8k", "arithmetic"),
     ("helpfulness_alpacaeval.jsonl", "alpacaeval", "alpacaeval"),
     ("demo/eval/helpfulness_overrefusal.jsonl", "overrefusal", "overrefusal"),
+    ("demo/eval/helpfulness_howto.jsonl", "overrefusal", "howto"),
 ])
 def test_kind_from_file_name(name, kind, set_name):
     assert tasks.infer_kind(name) == kind

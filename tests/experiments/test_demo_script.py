@@ -34,7 +34,7 @@ def test_dry_run_lists_setup_eval_train_eval_compare():
         tests = ev[ev.index("--tests") + 1].split(",")
         assert [os.path.basename(t) for t in tests] == [
             "safety_completionattack.jsonl", "safety_harmful_questions.jsonl",
-            "helpfulness_overrefusal.jsonl"]
+            "helpfulness_overrefusal.jsonl", "helpfulness_howto.jsonl"]
         assert all((ROOT / t).exists() for t in tests)
     assert compare[3:] == ["compare", "runs/x/eval-before", "runs/x/eval-after", "--out",
                            "runs/x/compare"]
