@@ -385,6 +385,29 @@ def positions_table(plan: Plan, models: Sequence[str], sets: Sequence[str]) -> l
     return lines
 
 
+def sample_answers(plan: Plan, models: Sequence[str], set_names: Sequence[str],
+                   width: int = 160) -> list[str]:
+    """The first prompt of each eval set and every model's answer to it (first seed), so that
+    a reader sees what the rates count (degenerate refusals included)."""
+    lines = []
+    for set_name in set_names:
+        rows = {m: runner.read_output(
+                    plan.out / "eval" / eval_names(plan, m)[0] / f"{set_name}.jsonl")
+                for m in models}
+        question = next(iter(rows.values()))[0]["question"]
+        lines += [f"**{set_name}**: `{_cell(question, width)}`", "", "| model | answer |",
+                  "| --- | --- |"]
+        lines += [f"| {row_label(m)} | {_cell(r[0]['response'], width)} |" for m, r in rows.items()]
+        lines.append("")
+    return lines
+
+
+def _cell(text: str, width: int) -> str:
+    """One Markdown table cell: newlines and pipes escaped, cut to `width` characters."""
+    text = text.replace("\n", " ").replace("|", "\\|").replace("`", "'")
+    return text if len(text) <= width else text[:width] + " ..."
+
+
 def comp_ordering(reports: dict[str, list[dict[str, Any]]]) -> str | None:
     """The measured completion-attack ordering, next to the paper's."""
     column = report_lib.ATTACK_COLUMNS["completionattack"]
@@ -496,6 +519,12 @@ def write_doc(plan: Plan, results: dict[str, Any], doc: pathlib.Path, figure: pa
         "",
         *positions_table(plan, models, sets),
         "",
+        "## Sample answers",
+        "",
+        f"Seed {plan.seeds[0]}, greedy, {plan.max_new_tokens} new tokens at most, cut at 160 "
+        "characters.",
+        "",
+        *sample_answers(plan, models, list(first)),
         "## Timings",
         "",
         "Wall-clock seconds of each job when it ran (jobs skipped on a resumed run keep the time "

@@ -56,7 +56,7 @@ def test_table_has_the_five_models_and_the_ablation_columns(ablation_run):
     out, markdown, _ = ablation_run
     header, rows = table(markdown)
     assert header == ["model", "Comp ASR %", "harmful_questions ASR %", "Over-refusal %",
-                      "loss/mle", "loss/rto"]
+                      "Over-refusal (howto) %", "loss/mle", "loss/rto"]
     assert list(rows) == ["untouched", "Vanilla (`vanilla`)", "+Harmful Prefix (`recaug`)",
                           "+RTO (`rto_only`)", "DeRTa (`derta`)"]
     assert (out / "ablation.md").read_text() == markdown
@@ -71,11 +71,11 @@ def test_losses_come_from_the_last_step_of_each_seed(ablation_run):
                            .read_text().splitlines()[-1]) for s in (0, 1)]
         assert [m["step"] for m in last] == [2, 2]
         mle = [m["loss/mle"] for m in last]
-        assert rows[label][3] == f"{statistics.mean(mle):.2f} ± {statistics.stdev(mle):.2f}"
+        assert rows[label][4] == f"{statistics.mean(mle):.2f} ± {statistics.stdev(mle):.2f}"
     # No RTO example in vanilla: no RTO loss to report; DeRTa has one.
-    assert rows["Vanilla (`vanilla`)"][4] == "-"
-    assert rows["DeRTa (`derta`)"][4] != "-"
-    assert rows["untouched"][3:] == ["-", "-"]
+    assert rows["Vanilla (`vanilla`)"][5] == "-"
+    assert rows["DeRTa (`derta`)"][5] != "-"
+    assert rows["untouched"][4:] == ["-", "-"]
 
 
 def test_asr_is_the_share_of_unrefused_attack_answers(ablation_run):
@@ -90,6 +90,18 @@ def test_asr_is_the_share_of_unrefused_attack_answers(ablation_run):
             assert len(answers) == 2
             asr.append(100.0 * sum(not a["judges"]["refusal"]["refused"] for a in answers) / 2)
         assert rows[label][0] == f"{statistics.mean(asr):.1f} ± {statistics.stdev(asr):.1f}"
+
+
+def test_sample_answers_are_each_models_first_answer(ablation_run):
+    out, markdown, _ = ablation_run
+    section = markdown.split("## Sample answers")[1].split("## Timings")[0]
+    for set_name in ("completionattack", "howto"):
+        block = section.split(f"**{set_name}**")[1].split("\n\n")[1]
+        for name, label in [("untouched", "untouched"), ("derta-s0", "DeRTa (`derta`)")]:
+            first = json.loads((out / "runs" / "eval" / name / f"{set_name}.jsonl")
+                               .read_text().splitlines()[0])
+            cell = first["response"].replace("\n", " ").replace("|", "\\|").replace("`", "'")[:160]
+            assert f"| {label} | {cell}" in block, (set_name, label)
 
 
 def test_recipes_get_the_same_budget(ablation_run):
