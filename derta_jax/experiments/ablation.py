@@ -33,6 +33,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import statistics
 import sys
 import time
@@ -74,7 +75,7 @@ class Plan:
     config: str = str(DEFAULT_CONFIG)  # base run config, "path[:variant]"
     overrides: tuple[str, ...] = ()  # "key=value" applied to the base config
     seeds: tuple[int, ...] = (0, 1)
-    steps: int = 40  # the smollm2 config's 2 epochs of the DeRTa mixture
+    steps: int = 40  # 1.2 epochs of the demo DeRTa mixture (66K tokens, 32 steps of 8 x 256)
     limit: int | None = None  # first N prompts of each eval set; None = all
     max_new_tokens: int = 64
     batch_size: int = 16
@@ -326,11 +327,24 @@ def results_table(reports: dict[str, list[dict[str, Any]]],
     return header, rows
 
 
+def pooled_rows(plan: Plan, model_names: Sequence[str], set_name: str) -> list[dict[str, Any]]:
+    """The answers to one eval set, pooled over the runs (seeds) of a model."""
+    return [r for name in model_names
+            for r in runner.read_output(plan.out / "eval" / name / f"{set_name}.jsonl")]
+
+
 def pooled_positions(plan: Plan, model_names: Sequence[str], set_name: str) -> dict[str, Any]:
     """Refusal positions of one safety set, pooled over the runs (seeds) of a model."""
-    rows = [r for name in model_names
-            for r in runner.read_output(plan.out / "eval" / name / f"{set_name}.jsonl")]
-    return report_lib.refusal_positions(rows)
+    return report_lib.refusal_positions(pooled_rows(plan, model_names, set_name))
+
+
+def loop_share(rows: Sequence[dict[str, Any]], refusal_token: str) -> float | None:
+    """Share % of the refusing answers that repeat the refusal token 3+ times in a row
+    ("SorrySorrySorry..."): refusals, but degenerate ones."""
+    loop = re.compile(f"(?:{re.escape(refusal_token)}){{3}}")
+    refused = [r["response"] for r in rows if r["judges"]["refusal"]["refused"]]
+    return 100.0 * sum(bool(loop.search(text)) for text in refused) / len(refused) if refused \
+        else None
 
 
 def eval_names(plan: Plan, model: str) -> list[str]:
@@ -372,14 +386,17 @@ def plot_positions(plan: Plan, models: Sequence[str], sets: Sequence[str],
     plt.close(fig)
 
 
-def positions_table(plan: Plan, models: Sequence[str], sets: Sequence[str]) -> list[str]:
+def positions_table(plan: Plan, models: Sequence[str], sets: Sequence[str],
+                    refusal_token: str) -> list[str]:
     labels = [label for label, _, _ in report_lib.POSITION_BINS]
-    lines = ["| model | set | refusals | " + " | ".join(f"pos {x} %" for x in labels) + " |",
-             "|" + " --- |" * (len(labels) + 3)]
+    lines = ["| model | set | refusals | " + " | ".join(f"pos {x} %" for x in labels)
+             + f" | '{refusal_token}' loops % |", "|" + " --- |" * (len(labels) + 4)]
     for model in models:
         for set_name in sets:
-            p = pooled_positions(plan, eval_names(plan, model), set_name)
+            rows = pooled_rows(plan, eval_names(plan, model), set_name)
+            p = report_lib.refusal_positions(rows)
             cells = [mean_spread([p["share"][x]]) for x in labels]
+            cells.append(mean_spread([loop_share(rows, refusal_token)]))
             lines.append(f"| {row_label(model)} | {set_name} | {p['count']} | "
                          + " | ".join(cells) + " |")
     return lines
@@ -445,6 +462,14 @@ def machine() -> str:
             "written")
 
 
+def _shown(path: str) -> str:
+    """A path as the report shows it: relative to the project when inside it."""
+    file, sep, variant = path.partition(":")
+    resolved = pathlib.Path(file).resolve()
+    return (f"{resolved.relative_to(ROOT)}{sep}{variant}" if resolved.is_relative_to(ROOT)
+            else path)
+
+
 def _timings_lines(timings: dict[str, Any]) -> list[str]:
     lines = ["| job | seconds | seconds per step |", "| --- | --- | --- |"]
     for name, t in timings["train"].items():
@@ -483,7 +508,7 @@ def write_doc(plan: Plan, results: dict[str, Any], doc: pathlib.Path, figure: pa
         "",
         "## Set-up",
         "",
-        f"- Model: `{plan.model_dir}`, full-parameter training from `{plan.config}`"
+        f"- Model: `{plan.model_dir}`, full-parameter training from `{_shown(plan.config)}`"
         + (f" with {', '.join(f'`{o}`' for o in plan.overrides)}" if plan.overrides else "") + ".",
         f"- Every recipe: {plan.steps} steps of {config.train.batch_size} packed rows of "
         f"{config.data.max_length} tokens, learning rate {config.optimizer.learning_rate:g} "
@@ -513,11 +538,12 @@ def write_doc(plan: Plan, results: dict[str, Any], doc: pathlib.Path, figure: pa
         "## Refusal position (paper Figure 4)",
         "",
         "Share % of the refusing answers (refusal judge) by the response token where the refusal "
-        "starts, pooled over seeds.",
+        f"starts, pooled over seeds; loops: share % of the refusing answers that repeat "
+        f"'{config.data.refusal_token}' three or more times in a row (degenerate refusals).",
         "",
         f"![refusal positions]({os.path.relpath(figure, doc.parent)})",
         "",
-        *positions_table(plan, models, sets),
+        *positions_table(plan, models, sets, config.data.refusal_token),
         "",
         "## Sample answers",
         "",

@@ -152,3 +152,14 @@ def test_bad_override_and_budget_are_named(tmp_path):
     config.data.rto_count = -1
     with pytest.raises(ValueError, match="data.rto_count=-1"):
         ablation.safety_budget(config)
+
+
+def test_loop_share_counts_degenerate_refusals_among_refusals():
+    def answer(text, refused):
+        return {"response": text, "judges": {"refusal": {"refused": refused}}}
+
+    rows = [answer("SorrySorrySorrySorry", True), answer("Find theSorrySorrySorry", True),
+            answer("Sorry, I can't. Sorry, no. Sorry.", True), answer("SorrySorry then", True),
+            answer("Step 1: go", False)]
+    assert ablation.loop_share(rows, "Sorry") == 50.0  # 2 of the 4 refusals loop
+    assert ablation.loop_share(rows[-1:], "Sorry") is None
