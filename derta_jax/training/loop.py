@@ -247,6 +247,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     t = config.train
     per_device = t.peak_tflops * 1e12 if t.peak_tflops > 0 else perf.measure_matmul_flops(
         dtype=run.cfg.dtype)
+    log.info("perf/mfu against %.1f TFLOP/s per device (%s)", per_device / 1e12,
+             "train.peak_tflops" if t.peak_tflops > 0 else f"measured {run.cfg.dtype} matmul")
     writer = MetricsWriter(workdir, run.start, run.steps)
     logger = _Logger(writer, perf.train_flops_per_token(run.cfg, config.data.max_length),
                      per_device * jax.device_count(), t.log_every)
