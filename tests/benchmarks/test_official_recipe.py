@@ -132,6 +132,18 @@ def test_gradients_and_one_adamw_step_equal_the_official_step(setup):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * abs(b).max()),
                  jax.device_get(grads), torch_grads)
     updated = to_canonical({n: p.detach().numpy() for n, p in torch_model.named_parameters()}, cfg)
-    # Adam's first update is ~lr * sign(g): 1% of lr (observed <= 0.3%), decay moves by lr*wd*|p|
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-2 * LR),
-                 jax.device_get(state["params"]), updated)
+    # Adam's first update is lr * g / (|g| + eps), g clipped: ~lr * sign(g), equal to 1% of lr
+    # (observed <= 0.3%) plus what the float32 gradient differences above imply where |g| is
+    # near eps (there the update is ill-conditioned: a 1e-8 gradient difference can move it by
+    # a few % of lr). Decay moves both sides by lr * wd * |p|.
+    eps = opt_lib.OptimizerConfig().eps
+    norm = lambda tree: np.sqrt(sum(float((g ** 2).sum()) for g in jax.tree.leaves(tree)))  # noqa: E731
+    clip_ours, clip_theirs = (min(1.0, CLIP / norm(t)) for t in (jax.device_get(grads), torch_grads))
+
+    def check(ours, theirs, g_ours, g_theirs):
+        first = lambda g, c: g * c / (np.abs(g * c) + eps)  # noqa: E731
+        explained = LR * np.abs(first(g_ours, clip_ours) - first(g_theirs, clip_theirs))
+        assert np.all(np.abs(ours - theirs) <= 1e-2 * LR + explained)
+
+    jax.tree.map(check, jax.device_get(state["params"]), updated, jax.device_get(grads),
+                 torch_grads)
