@@ -78,6 +78,12 @@ def overrefusal_column(set_name: str) -> str:
     return column if set_name == "overrefusal" else f"{column} ({set_name})"
 
 
+def is_overrefusal_column(column: str) -> bool:
+    """Whether `column` is one that overrefusal_column makes."""
+    name = HELPFUL_COLUMNS["overrefusal"]
+    return column == name or (column.startswith(f"{name} (") and column.endswith(")"))
+
+
 def column_order(reports: Sequence[dict[str, Any]]) -> list[str]:
     """The paper's attacks, other safety sets, GSM8K, MMLU, other scored sets, Alpaca,
     over-refusal: the columns any of `reports` has, in that order."""
@@ -85,7 +91,7 @@ def column_order(reports: Sequence[dict[str, Any]]) -> list[str]:
     safety = {ATTACK_COLUMNS.get(n, n) for r in reports for n, m in r["sets"].items()
               if m["kind"] in tasks.SAFETY_KINDS}
     attacks, (gsm8k, mmlu, alpaca, overrefusal) = list(ATTACK_COLUMNS.values()), HELPFUL_COLUMNS.values()
-    other_overrefusal = sorted(c for c in present if c.startswith(f"{overrefusal} ("))
+    other_overrefusal = sorted(c for c in present if is_overrefusal_column(c) and c != overrefusal)
     known = set(attacks) | set(HELPFUL_COLUMNS.values()) | set(other_overrefusal)
     other_safety = sorted(c for c in present - known if c in safety)
     other_scored = sorted(c for c in present - known if c not in safety)

@@ -314,8 +314,7 @@ def results_table(reports: dict[str, list[dict[str, Any]]],
     """(header, rows): one row per model; ASR per attack, over-refusal, final losses."""
     all_reports = [r for rs in reports.values() for r in rs]
     columns = report_lib.column_order(all_reports)
-    over = report_lib.HELPFUL_COLUMNS["overrefusal"]
-    header = ["model"] + [f"{c} %" if c.startswith(over) else f"{c} ASR %"
+    header = ["model"] + [f"{c} %" if report_lib.is_overrefusal_column(c) else f"{c} ASR %"
                           for c in columns] + ["loss/mle", "loss/rto"]
     rows = []
     for model, rs in reports.items():

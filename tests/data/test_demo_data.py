@@ -32,7 +32,8 @@ def test_eval_prompts_are_held_out():
     for task in make_demo.HELD_OUT_TASKS | make_demo.HELD_OUT_HOWTO:
         assert task not in train_text, task
     howto = [r["question"] for r in _rows(DEMO / "eval" / "helpfulness_howto.jsonl")]
-    assert len(howto) == 3 * len(make_demo.HELD_OUT_HOWTO) + len(make_demo.HOWTO) - len(make_demo.HELD_OUT_HOWTO)
+    held_out = len(make_demo.HELD_OUT_HOWTO)
+    assert len(howto) == 3 * held_out + len(make_demo.HOWTO) - held_out
 
 
 def test_harmful_responses_are_placeholders_only():
@@ -45,8 +46,8 @@ def test_harmful_responses_are_placeholders_only():
 
 def test_harmless_howto_answers_look_like_harmful_ones():
     """The how-to pairs share question forms and compliance openings with the harmful triples."""
-    forms = [f.split("{t}")[0] for f in make_demo.TRAIN_FORMS]
-    howto = [r for r in _rows(DEMO / "helpful.jsonl") if r["output"].split("!")[0].split(",")[0]
-             in ("Sure", "Of course", "Absolutely")]
+    forms = tuple(f.split("{t}")[0] for f in make_demo.TRAIN_FORMS)
+    openings = tuple(c.split("{t}")[0] for c in make_demo.COMPLIANCE)
+    howto = [r for r in _rows(DEMO / "helpful.jsonl") if r["output"].startswith(openings)]
     assert len(howto) == 10 * (len(make_demo.HOWTO) - len(make_demo.HELD_OUT_HOWTO))
-    assert all(any(r["instruction"].startswith(f) for f in forms) for r in howto)
+    assert all(r["instruction"].startswith(forms) for r in howto)
