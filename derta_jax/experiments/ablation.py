@@ -407,9 +407,7 @@ def sample_answers(plan: Plan, models: Sequence[str], set_names: Sequence[str],
     a reader sees what the rates count (degenerate refusals included)."""
     lines = []
     for set_name in set_names:
-        rows = {m: runner.read_output(
-                    plan.out / "eval" / eval_names(plan, m)[0] / f"{set_name}.jsonl")
-                for m in models}
+        rows = {m: pooled_rows(plan, eval_names(plan, m)[:1], set_name) for m in models}
         question = next(iter(rows.values()))[0]["question"]
         lines += [f"**{set_name}**: `{_cell(question, width)}`", "", "| model | answer |",
                   "| --- | --- |"]
