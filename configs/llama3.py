@@ -4,13 +4,23 @@
     python -m derta_jax.train --config=configs/llama3.py:8b --workdir runs/llama3-8b-derta
 
 Variants (`:variant[,recipe]`, recipe one of derta | vanilla | recaug | rto_only, default derta):
-  8b                 full parameter, lr 2e-5 cosine, warmup 0.03, wd 2e-5, max len 1024, 5% of RTO
-                     positions kept per step (the official "95% dropout of the Sorry token")
-  70b_lora           LoRA rank 96 / alpha 16 / dropout 0.05 on q,k,v,o,gate,up,down, lr 1e-4, no
-                     warmup, wd 0, max len 512, all RTO positions kept
+  8b                 full parameter, lr 2e-5 cosine, warmup 0.03, wd 2e-5 on every tensor (norms
+                     included, as DeepSpeed's AdamW), max len 1024, the official refusal-token
+                     dropout: max(1, ceil(L/20)) random positions of each row keep their RTO loss
+  70b_lora           LoRA rank 96 / alpha 16 / dropout 0.05 on q,k,v,o,gate,up,down, lr 1e-4
+                     linearly decayed to 0 (the HF Trainer default: train.sh sets no scheduler),
+                     no warmup, wd 0, max len 512, all RTO positions kept
   70b_instruct_lora  the same on LLaMA-3-70B-Instruct
-All: global batch 128, 2 epochs, bf16 compute with fp32 masters. Expected outcome: on the paper's
-data, attack success rates near the DeRTa rows of its Table 2 (e.g. 70B CompletionAttack ~4%).
+All (the official protocol, derta-method.md "Batching"): 128 examples per optimizer step, packed
+into a fixed number of rows (the plan is logged and written to <workdir>/plan.json), 2 epochs of
+ceil(examples / 128) steps (~1,030 steps for 66K examples), base template ending every response
+with the literal `<|end_of_text|>`, bf16 compute with fp32 masters. Expected outcome: on the
+paper's data, attack success rates near the DeRTa rows of its Table 2 (e.g. 70B
+CompletionAttack ~4%).
+
+Our preferences, available as options: `--config.loss.rto_keep_rule=at_least_one` (every response
+keeps at least one RTO position), `--config.optimizer.decay_norms=False` (no decay on norm scales),
+`--config.optimizer.schedule=cosine` for LoRA, `--config.data.packing=False` (one example per row).
 """
 from derta_jax.training.config import base_config
 
@@ -23,8 +33,10 @@ def full_parameter(c):
     c.optimizer.schedule = "cosine"
     c.optimizer.warmup_ratio = 0.03
     c.optimizer.weight_decay = 2e-5
+    c.optimizer.decay_norms = True
     c.data.max_length = 1024
     c.loss.rto_keep = 0.05
+    c.loss.rto_keep_rule = "official"
     return c
 
 
@@ -33,7 +45,7 @@ def lora(c):
     c.model.lora_alpha = 16.0
     c.model.lora_dropout = 0.05
     c.optimizer.learning_rate = 1e-4
-    c.optimizer.schedule = "cosine"
+    c.optimizer.schedule = "linear"
     c.optimizer.warmup_ratio = 0.0
     c.optimizer.weight_decay = 0.0
     c.data.max_length = 512
@@ -48,6 +60,8 @@ def paper_defaults(c, checkpoint: str, recipe: str):
     c.model.remat = "full"
     c.data.recipe = recipe
     c.data.template = "base"
+    c.data.eos_text = "<|end_of_text|>"
+    c.data.packing = True
     c.train.batch_size = 128
     c.train.epochs = 2.0
     c.mesh.data = 1

@@ -3,8 +3,9 @@
     python -m derta_jax.convert --hf /path/Mistral-7B-v0.1 --out models/mistral-7b
     python -m derta_jax.train --config=configs/mistral.py:7b --workdir runs/mistral-7b-derta
 
-Variant `7b[,recipe]`. lr 2e-5 cosine, warmup 0.03, wd 2e-5, batch 128, 2 epochs, max len 1024,
-5% of RTO positions kept; the 4096-token sliding window comes from the checkpoint's config.
+Variant `7b[,recipe]`. The 8B protocol of configs/llama3.py: lr 2e-5 cosine, warmup 0.03, wd 2e-5
+on every tensor, 128 examples per step, 2 epochs, max len 1024, the official refusal-token dropout
+(ceil(L/20) positions per row); the 4096-token sliding window comes from the checkpoint's config.
 Expected outcome: attack success rates near the paper's Mistral-7B DeRTa row (Table 2).
 """
 import pathlib

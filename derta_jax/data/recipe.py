@@ -12,35 +12,61 @@ Reproduces the authors' `generate_training_data.py` rule for rule (base template
   (the official loop skips < 3-word triples here too: its `continue` comes before both appends).
 - mixtures take the first N of each list, concatenated in this order:
   derta = helpful + RTO + prefix; vanilla = helpful + vanilla; recaug = helpful + prefix;
-  rto_only = helpful + RTO + vanilla. Counts default to the official ones (all helpful pairs;
-  3,000 + 3,000 or 6,000); asking for more than the sources hold is an error.
+  rto_only = helpful + RTO + vanilla. A count left at its default (None or -1) is the official
+  one (`RECIPES`; all helpful pairs), sliced as the official script does (`[:3000]`): sources
+  with fewer examples give what they have, with a warning "rto: 9 of the official 3,000 examples
+  (all the sources give)". An explicit count larger than the sources hold is an error.
 
 The official code draws from Python's unseeded global `random`; we use `random.Random(seed)` with
 the same sequence of `randint` calls, so a given random state yields the official file exactly.
 
-`cut="token"` is the paper's formula instead: the harmful-prefix record keeps prefix = T(q) and
-carries `harmful` = lead + r̂; at tokenisation the first k tokens of it join the prefix, with k
-uniform in [0, |r̂|] re-drawn every epoch from the run's seed (see `tokenize.py`, `loader.py`).
-It uses the same triples as the word cut (>= 3 words) and no every-third rule (k = 0 already has
-probability 1 / (|r̂| + 1)).
+`cut="token"` is the paper's formula instead: the harmful-prefix record keeps prefix = T(q), its
+text is the vanilla one (T.response(r), what k = 0 gives), and it carries `harmful` = lead + r̂
+and, for the chat template, `cut_text` = " " + text (after k > 0 harmful tokens a space joins the
+safe response, as in the word cut). At tokenisation the first k tokens of `harmful` join the
+prefix, with k uniform in [0, |r̂|] re-drawn every epoch from the run's seed (see `tokenize.py`,
+`loader.py`). It uses the same triples as the word cut (>= 3 words) and no every-third rule
+(k = 0 already has probability 1 / (|r̂| + 1)).
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from derta_jax.data.templates import Template, base_template
 
-RECIPES = ("derta", "vanilla", "recaug", "rto_only")
-# recipe -> the safety parts it mixes, in order, with their official counts
-OFFICIAL_PARTS: dict[str, dict[str, int]] = {
+log = logging.getLogger(__name__)
+
+# The recipes: name -> the safety parts it mixes after all helpful pairs, in order, with their
+# official counts (derta-method.md, "Mixtures"). The one list of recipe names and counts.
+RECIPES: Mapping[str, Mapping[str, int]] = {
     "derta": {"rto": 3000, "prefix": 3000},
     "vanilla": {"vanilla": 6000},
     "recaug": {"prefix": 6000},
     "rto_only": {"rto": 3000, "vanilla": 3000},
 }
+PARTS = ("helpful", "rto", "prefix", "vanilla")  # each has a count argument `{part}_count`
+OFFICIAL = -1  # a count meaning "the official one" (None means the same)
 CUTS = ("word", "token")
+
+
+def safety_counts(recipe: str, total: int | None = None) -> dict[str, int]:
+    """`{part}_count` of each safety part of `recipe`: the official counts, or `total` examples
+    split in the official proportions (earlier parts rounded down, the last takes the rest)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe={recipe!r}: expected one of {', '.join(RECIPES)}")
+    parts = RECIPES[recipe]
+    if total is None:
+        return {f"{p}_count": n for p, n in parts.items()}
+    if total < 0:
+        raise ValueError(f"total={total} must be >= 0")
+    official, out = sum(parts.values()), {}
+    for p, n in list(parts.items())[:-1]:
+        out[f"{p}_count"] = total * n // official
+    out[f"{list(parts)[-1]}_count"] = total - sum(out.values())
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +77,20 @@ class DertaRecord:
     text: str
     safe: bool
     harmful: str = ""  # cut="token" only: the harmful response whose first k tokens join the prefix
+    cut_text: str = ""  # cut="token", when it differs from `text`: the text after k > 0 of them
 
     def to_json(self) -> dict[str, str]:
-        """The official file's shape (`safe` as the strings "true"/"false")."""
+        """The official file's shape (`safe` as the strings "true"/"false"), plus the token-cut
+        fields when set (the official code ignores them)."""
         d = {"prefix": self.prefix, "text": self.text, "safe": "true" if self.safe else "false"}
-        if self.harmful:
-            d["harmful"] = self.harmful
+        d.update({k: v for k, v in (("harmful", self.harmful), ("cut_text", self.cut_text)) if v})
         return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, str]) -> "DertaRecord":
+        """The inverse of `to_json` (an official file's line too)."""
+        return cls(d["prefix"], d["text"], d["safe"] == "true", d.get("harmful", ""),
+                   d.get("cut_text", ""))
 
 
 def helpful_records(pairs: Sequence[dict], template: Template) -> list[DertaRecord]:
@@ -96,8 +129,11 @@ def harmful_prefix_records(triples: Sequence[dict], template: Template, seed: in
             prefix, lead = template.harmful_prefix(t["query"], words, i)
             out.append(DertaRecord(prefix, lead + t["safe_response"] + template.eos, False))
         else:
-            out.append(DertaRecord(template.prompt(t["query"]), " " + t["safe_response"] + template.eos,
-                                   False, harmful=template.lead + t["harmful_response"]))
+            text = template.response(t["safe_response"])
+            joined = " " + t["safe_response"] + template.eos
+            out.append(DertaRecord(template.prompt(t["query"]), text, False,
+                                   harmful=template.lead + t["harmful_response"],
+                                   cut_text="" if joined == text else joined))
     return out
 
 
@@ -107,9 +143,20 @@ def vanilla_records(triples: Sequence[dict], template: Template) -> list[DertaRe
             for t in kept]
 
 
-def _take(part: str, records: list[DertaRecord], count: int) -> list[DertaRecord]:
+def _is_official(count: int | None) -> bool:
+    return count is None or count == OFFICIAL
+
+
+def _take(part: str, records: list[DertaRecord], count: int | None,
+          official: int | None) -> list[DertaRecord]:
+    """The first `count` records; an official count (`official`, None = all) takes up to it."""
+    if _is_official(count):
+        if official is not None and len(records) < official:
+            log.warning("%s: %s of the official %s examples (all the sources give)",
+                        part, f"{len(records):,}", f"{official:,}")
+        return records[:official]
     if count < 0:
-        raise ValueError(f"{part}_count={count} must be >= 0")
+        raise ValueError(f"{part}_count={count} must be >= 0 (or {OFFICIAL} / None: the official count)")
     if count > len(records):
         raise ValueError(f"{part}_count={count} but the sources give only {len(records)} {part} "
                          f"examples; pass a smaller {part}_count")
@@ -123,23 +170,25 @@ def build_mixture(recipe: str, safety: Sequence[dict], helpful: Sequence[dict],
                   ) -> list[DertaRecord]:
     """The records of one mixture, in the official order (helpful first).
 
-    Counts left as None take the official default (all helpful pairs; see OFFICIAL_PARTS); a
-    count for a part the recipe does not use is an error.
+    Counts left as None or -1 take the official ones (all helpful pairs; see RECIPES), or what
+    the sources have when that is fewer; a count for a part the recipe does not use is an error.
     """
     if recipe not in RECIPES:
-        raise ValueError(f"recipe={recipe!r}: expected one of {RECIPES}")
+        raise ValueError(f"recipe={recipe!r}: expected one of {', '.join(RECIPES)}")
     template = template or base_template()
     counts = {"rto": rto_count, "prefix": prefix_count, "vanilla": vanilla_count}
-    parts = OFFICIAL_PARTS[recipe]
+    parts = RECIPES[recipe]
     for part, count in counts.items():
-        if count is not None and part not in parts:
+        if not _is_official(count) and part not in parts:
             raise ValueError(f"{part}_count={count} given but recipe {recipe!r} has no {part} part "
                              f"(it mixes {', '.join(parts)})")
     builders = {"rto": lambda: rto_records(safety, template),
                 "prefix": lambda: harmful_prefix_records(safety, template, seed, cut),
                 "vanilla": lambda: vanilla_records(safety, template)}
-    helpful_recs = helpful_records(helpful, template)
-    out = _take("helpful", helpful_recs, len(helpful_recs) if helpful_count is None else helpful_count)
-    for part, default in parts.items():
-        out += _take(part, builders[part](), default if counts[part] is None else counts[part])
+    taken = {"helpful": _take("helpful", helpful_records(helpful, template), helpful_count, None)}
+    for part, official in parts.items():
+        taken[part] = _take(part, builders[part](), counts[part], official)
+    out = [r for recs in taken.values() for r in recs]
+    log.info("recipe %s: %s = %d records", recipe,
+             " + ".join(f"{len(recs):,} {part}" for part, recs in taken.items()), len(out))
     return out

@@ -1,6 +1,6 @@
 """TFDS builders over JSON-lines files in a manual dir, stored as array_record, read without TF.
 
-    src = load_source("derta_safety", manual_dir="path/with/safety.jsonl", data_dir="~/tfds")
+    src = load_source("derta_safety", manual_dir="my_data", data_dir="~/tfds")  # my_data/safety.jsonl
     src[0]  # {"query": b"...", "harmful_response": b"...", "safe_response": b"..."}
     triples = decode(src)  # list of dicts of str, in file order, for recipe.build_mixture
 
@@ -9,7 +9,6 @@ Builders (each reads the named file of the manual dir, validated by `records.rea
 - `derta_helpful`: `helpful.jsonl`, pairs `{instruction, output}`;
 - `derta_eval`: one config per test set, `<config name>.jsonl` with `question` (+ `answer`).
 The demo folder (`pipeline.DEMO_DIR`) is a valid manual dir for all three.
-`hub_download` fetches files from the Hugging Face hub into a manual dir for users with internet.
 """
 from __future__ import annotations
 
@@ -95,15 +94,3 @@ def decode(source: Any) -> list[dict[str, str]]:
     return [{k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in source[i].items()}
             for i in range(len(source))]
 
-
-def hub_download(repo_id: str, filenames: dict[str, str], manual_dir: str | os.PathLike,
-                 revision: str | None = None) -> None:
-    """Copies `{hub file: manual-dir name}` from a Hugging Face dataset repo (needs internet)."""
-    import shutil
-
-    from huggingface_hub import hf_hub_download
-
-    os.makedirs(manual_dir, exist_ok=True)
-    for remote, local in filenames.items():
-        path = hf_hub_download(repo_id, remote, repo_type="dataset", revision=revision)
-        shutil.copyfile(path, os.path.join(manual_dir, local))

@@ -20,8 +20,12 @@ Rules (the official `preprocess_function`, plus what it leaves open):
   from the last prompt token to the one before the final eos, i.e. P(sorry | q, r̂<t) for
   t = 0..|r̂|. The last position of an example never carries loss.
 - Token-level cut (`DertaRecord.harmful`): tokens = tokens(prefix) + tokens(harmful) +
-  tokens(text), each encoded separately; `materialize(example, k)` keeps only the first k harmful
-  tokens, which join the masked prompt. k is drawn by the loader (uniform in [0, max_cut]).
+  tokens(cut_text or text), each encoded separately; `materialize(example, k)` keeps only the
+  first k harmful tokens, which join the masked prompt. k = 0 gives `uncut`: prefix + text
+  encoded together like a plain record, i.e. the vanilla example (with the chat template the text
+  after k > 0 harmful tokens starts with a joining space, the text after none does not).
+  k is drawn by the loader (uniform in [0, max_cut]); `TokenizedExample.length(k)` is the
+  example's length for that k before the loader's truncation.
 """
 from __future__ import annotations
 
@@ -41,8 +45,8 @@ class TokenizedExample:
     """One example's ids. Labels of the first `prompt_len` tokens are masked.
 
     With a token cut, tokens[prompt_len : prompt_len + cut_len] are the harmful response r̂, of
-    which an epoch keeps the first k <= max_cut (capped so that one supervised label fits).
-    `refusal_id >= 0` marks an RTO example.
+    which an epoch keeps the first k <= max_cut (capped so that one supervised label fits), and
+    `uncut` holds the ids for k = 0. `refusal_id >= 0` marks an RTO example.
     """
 
     tokens: np.ndarray  # int32 [n]
@@ -50,10 +54,17 @@ class TokenizedExample:
     refusal_id: int = -1
     cut_len: int = 0
     max_cut: int = 0
+    uncut: np.ndarray | None = None  # token cut: int32 ids with no harmful token (k = 0)
 
     @property
     def is_rto(self) -> bool:
         return self.refusal_id >= 0
+
+    def length(self, k: int = 0) -> int:
+        """`len(materialize(self, L, k)["tokens"]) == min(self.length(k), L)` for every L."""
+        if k == 0 and self.uncut is not None:
+            return len(self.uncut)
+        return len(self.tokens) - self.cut_len + k
 
 
 @dataclasses.dataclass
@@ -94,24 +105,21 @@ def build_examples(records: Sequence[DertaRecord], tokenizer: Any, max_length: i
         raise ValueError("records contain RTO examples (safe=true) but no refusal_id was given")
     bos = [tokenizer.bos_token_id] if resolve_add_bos(tokenizer, template_kind, add_bos) else []
     prefixes = _encode(tokenizer, [r.prefix for r in records], bos)
-    plain = [i for i, r in enumerate(records) if not r.harmful]
+    full = _encode(tokenizer, [r.prefix + r.text for r in records], bos)
     cut = [i for i, r in enumerate(records) if r.harmful]
-    full = dict(zip(plain, _encode(tokenizer, [records[i].prefix + records[i].text for i in plain], bos)))
     harmful = dict(zip(cut, _encode(tokenizer, [records[i].harmful for i in cut], [])))
-    texts = dict(zip(cut, _encode(tokenizer, [records[i].text for i in cut], [])))
+    after = dict(zip(cut, _encode(tokenizer, [records[i].cut_text or records[i].text for i in cut], [])))
     stats, out = BuildStats(), []
     for i, r in enumerate(records):
-        p = len(prefixes[i])
+        p, natural = len(prefixes[i]), len(full[i])  # natural: the length with k = 0
         rid = refusal_id if r.safe else -1
         if r.harmful:
-            ids = prefixes[i] + harmful[i] + texts[i]
             n_cut = len(harmful[i])
-            natural = p + len(texts[i])  # length with k = 0
-            ex = TokenizedExample(np.asarray(ids, np.int32), p, rid, n_cut,
-                                  max(0, min(n_cut, max_length - 1 - p)))
+            ex = TokenizedExample(np.asarray(prefixes[i] + harmful[i] + after[i], np.int32), p, rid,
+                                  n_cut, max(0, min(n_cut, max_length - 1 - p)),
+                                  uncut=np.asarray(full[i][:max_length], np.int32))
         else:
-            ids, natural = full[i], len(full[i])
-            ex = TokenizedExample(np.asarray(ids[:max_length], np.int32), p, rid)
+            ex = TokenizedExample(np.asarray(full[i][:max_length], np.int32), p, rid)
         if min(natural, max_length) - p < 1:
             stats.dropped_no_supervised += 1
             continue
@@ -130,7 +138,9 @@ def materialize(example: TokenizedExample, max_length: int, k: int = 0) -> dict[
     if not 0 <= k <= example.max_cut:
         raise ValueError(f"cut k={k} outside [0, {example.max_cut}]")
     p, ids = example.prompt_len, example.tokens
-    if example.cut_len:
+    if k == 0 and example.uncut is not None:
+        ids = example.uncut
+    elif example.cut_len:
         ids = np.concatenate([ids[:p + k], ids[p + example.cut_len:]])
         p += k
     ids = ids[:max_length]

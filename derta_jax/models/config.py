@@ -12,6 +12,8 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_impl", "lora_rank",
+                  "lora_alpha", "lora_dropout", "lora_targets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,16 +48,16 @@ class ModelConfig:
     router_aux_loss_coef: float = 0.02
     bos_token_id: int | None = 128000
     eos_token_ids: tuple[int, ...] = (128001,)
-    # Runtime (ours).
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16
-    param_dtype: str = "float32"
-    remat: str = "none"  # none | full | dots (save only matmul outputs)
-    scan_layers: bool = False  # nn.scan over layers (params stacked under "layers")
+    # Runtime (ours; also the run config's `model` keys, see RUNTIME_FIELDS).
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (master weights: param_dtype)
+    param_dtype: str = "float32"  # master weight and optimizer state dtype
+    remat: str = "none"  # none | full | dots: activation rematerialisation per layer
+    scan_layers: bool = False  # nn.scan over layers (params stacked under "layers"; faster compile)
     attention_impl: str = "auto"  # auto | xla | cudnn
-    lora_rank: int = 0  # 0 = no LoRA
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = LORA_TARGETS
+    lora_rank: int = 0  # 0 = full-parameter training; > 0 = LoRA with frozen base weights
+    lora_alpha: float = 16.0  # LoRA scale numerator (scale = alpha / rank)
+    lora_dropout: float = 0.0  # dropout on the LoRA input
+    lora_targets: tuple[str, ...] = LORA_TARGETS  # projections that get adapters
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -69,6 +71,10 @@ class ModelConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected float32 or bfloat16")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat={self.remat!r}: expected none, full or dots")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank={self.lora_rank}: expected >= 0")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout={self.lora_dropout}: expected in [0, 1)")
         bad = set(self.lora_targets) - set(LORA_TARGETS)
         if bad:
             raise ValueError(f"lora_targets has unknown names {sorted(bad)}; known: {LORA_TARGETS}")

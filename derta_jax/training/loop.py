@@ -9,6 +9,8 @@ SIGTERM saves a checkpoint at the current step and returns.
 
 Every process reads the same global batch (the loader is not sharded by host) and keeps its own
 rows, so a run gives the same numbers on any number of processes; packing is cheap next to a step.
+At start the data plan (examples, examples per step, rows per step, steps per epoch, total steps,
+padding share) is logged and written to <workdir>/plan.json.
 """
 from __future__ import annotations
 
@@ -34,7 +36,6 @@ from derta_jax.models import layout
 from derta_jax.models.config import ModelConfig
 from derta_jax.training import checkpointing as ckpt
 from derta_jax.training import config as config_lib
-from derta_jax.training import optimizer as opt_lib
 from derta_jax.training import perf
 from derta_jax.training import sharding as shd
 from derta_jax.training import step as step_lib
@@ -42,37 +43,33 @@ from derta_jax.training import step as step_lib
 log = logging.getLogger(__name__)
 
 
-def load_model(config: ml_collections.ConfigDict) -> tuple[ModelConfig, Any]:
+def model_and_tokenizer(run: config_lib.RunConfig) -> tuple[ModelConfig, Any]:
     """The run's ModelConfig (checkpoint's or preset's architecture) and tokenizer."""
-    m = config.model
-    tokenizer = model_dir.load_tokenizer(m.tokenizer or m.checkpoint)
-    base = model_dir.load_config(m.checkpoint) if m.checkpoint else config_lib.preset_model(config)
-    return config_lib.model_config(config, base), tokenizer
+    src = run.source
+    tokenizer = model_dir.load_tokenizer(src.tokenizer or src.checkpoint)
+    base = model_dir.load_config(src.checkpoint) if src.checkpoint else run.preset_model()
+    return run.model_config(base), tokenizer
 
 
-def load_params(config: ml_collections.ConfigDict, cfg: ModelConfig, shardings: Any) -> Any:
+def load_params(run: config_lib.RunConfig, cfg: ModelConfig, shardings: Any) -> Any:
     """The checkpoint's params placed on `shardings`, or None for a random init."""
-    if config.model.init == "random":
+    if run.source.init == "random":
         return None
     if not cfg.scan_layers:
-        return model_dir.load_model_dir(config.model.checkpoint, dtype=cfg.param_dtype,
+        return model_dir.load_model_dir(run.source.checkpoint, dtype=cfg.param_dtype,
                                         shardings=shardings)[1]
     cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-    _, params = model_dir.load_model_dir(config.model.checkpoint, dtype=cfg.param_dtype,
+    _, params = model_dir.load_model_dir(run.source.checkpoint, dtype=cfg.param_dtype,
                                          shardings=cpu)
     return jax.device_put(layout.stack_layers(params), shardings)
 
 
-def load_examples(config: ml_collections.ConfigDict, tokenizer: Any) -> list[Any]:
-    d = config.data
-    counts = {f"{p}_count": (None if d[f"{p}_count"] < 0 else d[f"{p}_count"])
-              for p in ("helpful", "rto", "prefix", "vanilla")}
-    counts = {k: v for k, v in counts.items() if v is not None}
+def load_examples(d: config_lib.DataConfig, tokenizer: Any) -> list[Any]:
     examples, _ = pipeline.training_examples(  # logs what it kept, truncated and dropped
         tokenizer, recipe=d.recipe, safety=d.safety or pipeline.DEMO_SAFETY,
         helpful=d.helpful or pipeline.DEMO_HELPFUL, max_length=d.max_length,
         refusal_token=d.refusal_token, template=d.template, cut=d.cut, seed=d.seed,
-        skip_invalid=d.skip_invalid, **counts)
+        skip_invalid=d.skip_invalid, eos_text=d.eos_text, **d.counts())
     return examples
 
 
@@ -83,18 +80,24 @@ def local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v[i * rows:(i + 1) * rows] for k, v in batch.items()}
 
 
-def total_steps(config: ml_collections.ConfigDict, examples: list[Any]) -> int:
-    """train.steps, or train.epochs over the data: rows per epoch are the examples (padded) or,
-    packed, their tokens over data.max_length (a lower bound: packing leaves some padding)."""
-    t = config.train
-    if t.steps > 0:
-        return t.steps
-    if config.data.packing:
-        rows = sum(min(len(ex.tokens), config.data.max_length) for ex in examples) \
-            / config.data.max_length
-    else:
-        rows = len(examples)
-    return max(1, math.ceil(t.epochs * rows / t.batch_size))
+def make_plan(run: config_lib.RunConfig, examples: list[Any], mesh: Any) -> loader_lib.Plan:
+    """The data plan: train.batch_size examples per step, packed into a row count that the data
+    axes, the micro-batches and the processes all divide."""
+    t, d = run.train, run.data
+    data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    multiple = math.lcm(data_shards, t.accum_steps, jax.process_count())
+    return loader_lib.make_plan(examples, t.batch_size, d.max_length, d.seed, epochs=t.epochs,
+                                steps=t.steps if t.steps > 0 else None, packing=d.packing,
+                                row_multiple=multiple)
+
+
+def log_plan(plan: loader_lib.Plan, workdir: pathlib.Path) -> None:
+    log.info("data plan: %d examples, %d per step, %d rows of %d tokens per step, %d steps per "
+             "epoch, %d steps, %.1f%% of token slots padding", plan.examples, plan.batch_size,
+             plan.rows_per_step, plan.seq_len, plan.steps_per_epoch, plan.total_steps,
+             100 * plan.pad_share)
+    if jax.process_index() == 0:
+        (workdir / "plan.json").write_text(plan.to_json())
 
 
 class MetricsWriter:
@@ -183,20 +186,6 @@ class _Logger:
         return host
 
 
-def step_config(config: ml_collections.ConfigDict, cfg: ModelConfig) -> step_lib.StepConfig:
-    lo = config.loss
-    return step_lib.StepConfig(cfg, step_lib.LossConfig(
-        rto_keep=lo.rto_keep, normalisation=lo.normalisation, chunk_size=lo.chunk_size,
-        router_coef=lo.router_coef), config.train.accum_steps)
-
-
-def make_optimizer(config: ml_collections.ConfigDict, steps: int):
-    o = config.optimizer
-    return opt_lib.make_optimizer(opt_lib.OptimizerConfig(
-        learning_rate=o.learning_rate, schedule=o.schedule, warmup_ratio=o.warmup_ratio,
-        weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, grad_clip=o.grad_clip), steps)
-
-
 @dataclasses.dataclass
 class _Run:
     """Everything the step loop needs, restored from the last checkpoint when there is one."""
@@ -211,50 +200,46 @@ class _Run:
     mesh: Any
 
 
-def _prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> _Run:
-    mesh = shd.make_mesh(shd.MeshConfig(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
-    cfg, tokenizer = load_model(config)
+def _prepare(run_cfg: config_lib.RunConfig, config: ml_collections.ConfigDict,
+             workdir: pathlib.Path) -> _Run:
+    mesh = shd.make_mesh(run_cfg.mesh)
+    cfg, tokenizer = model_and_tokenizer(run_cfg)
     write_workdir(workdir, config, cfg, tokenizer)
-    examples = load_examples(config, tokenizer)
-    steps = total_steps(config, examples)
-    if config.train.batch_size % jax.process_count():
-        raise ValueError(f"config train.batch_size={config.train.batch_size} is not divisible by "
-                         f"the {jax.process_count()} processes")
-    loader = loader_lib.make_loader(examples, config.train.batch_size, config.data.max_length,
-                                    seed=config.data.seed, packing=config.data.packing,
-                                    shard_index=0, shard_count=1)
-    tx, schedule = make_optimizer(config, steps)
-    abstract, shardings = step_lib.state_shardings(cfg, tx, mesh)
-    mngr = ckpt.make_manager(workdir, config.checkpoint.keep, config.checkpoint.async_save)
+    examples = load_examples(run_cfg.data, tokenizer)
+    plan = make_plan(run_cfg, examples, mesh)
+    log_plan(plan, workdir)
+    loader = loader_lib.make_loader(examples, plan, run_cfg.data.seed)
+    setup = step_lib.build(step_lib.StepConfig(cfg, run_cfg.loss, run_cfg.optimizer,
+                                               run_cfg.train.accum_steps), mesh, plan.total_steps)
+    mngr = ckpt.make_manager(workdir, run_cfg.checkpoint.keep, run_cfg.checkpoint.async_save)
     start = ckpt.latest_step(mngr)
     if start is None:
-        params = load_params(config, cfg, shardings["params"])
-        state = step_lib.init_state(jax.random.PRNGKey(config.train.seed), cfg, tx, mesh, params)
+        params = load_params(run_cfg, cfg, setup.shardings["params"])
+        state = setup.init(jax.random.PRNGKey(run_cfg.train.seed), params)
         start = 0
     else:
         log.info("resuming from %s/%d", mngr.directory, start)
-        state = ckpt.restore(mngr, start, shardings, abstract, loader)
-    train_step = step_lib.make_train_step(step_config(config, cfg), tx, schedule, mesh, shardings)
-    return _Run(cfg, steps, start, state, loader, mngr, train_step, mesh)
+        state = ckpt.restore(mngr, start, setup.shardings, setup.abstract, loader)
+    return _Run(cfg, plan.total_steps, start, state, loader, mngr, setup.train_step, mesh)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
     """Runs (or resumes) training; returns the last step's metrics. With `train.stop_at` it saves
     and returns after that step, as a preempted run would."""
-    config_lib.validate(config)
+    run_cfg = config_lib.parse(config)
     workdir = pathlib.Path(workdir).absolute()
-    run = _prepare(config, workdir)
-    t = config.train
+    run = _prepare(run_cfg, config, workdir)
+    t = run_cfg.train
     per_device = t.peak_tflops * 1e12 if t.peak_tflops > 0 else perf.measure_matmul_flops(
         dtype=run.cfg.dtype)
     log.info("perf/mfu against %.1f TFLOP/s per device (%s)", per_device / 1e12,
              "train.peak_tflops" if t.peak_tflops > 0 else f"measured {run.cfg.dtype} matmul")
     writer = MetricsWriter(workdir, run.start, run.steps)
-    logger = _Logger(writer, perf.train_flops_per_token(run.cfg, config.data.max_length),
+    logger = _Logger(writer, perf.train_flops_per_token(run.cfg, run_cfg.data.max_length),
                      per_device * jax.device_count(), t.log_every)
     preemption = _Preemption()
     try:
-        return _loop(run, config.checkpoint.every_steps, t.stop_at, logger, preemption)
+        return _loop(run, run_cfg.checkpoint.every_steps, t.stop_at, logger, preemption)
     finally:
         run.mngr.wait_until_finished()
         run.mngr.close()

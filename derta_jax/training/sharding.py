@@ -35,9 +35,9 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    data: int = -1  # -1 = all devices not used by the other axes (at most one -1)
-    fsdp: int = 1
-    tensor: int = 1
+    data: int = -1  # data-parallel axis size; -1 = the devices left over (at most one -1)
+    fsdp: int = 1  # fully-sharded data-parallel axis (params sharded over "embed")
+    tensor: int = 1  # tensor-parallel axis (heads, mlp, vocab)
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:

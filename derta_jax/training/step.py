@@ -1,4 +1,8 @@
-"""The train state and the pure, jitted DeRTa train step.
+"""The train state, the pure DeRTa train step, and `build`: the one way to set both up.
+
+    setup = build(StepConfig(model_cfg, LossConfig(), OptimizerConfig()), mesh, total_steps)
+    state = setup.init(jax.random.PRNGKey(0), params)   # sharded; params=None: random init
+    state, metrics = setup.train_step(state, batch, rng)
 
 State is a plain dict (what Orbax saves as item "state"):
     step       int32 []        optimizer steps taken
@@ -8,9 +12,9 @@ State is a plain dict (what Orbax saves as item "state"):
     rng        uint32 [2]      the run's base key; step t uses fold_in(rng, t)
 
 The step takes the global batch (sharded over (data, fsdp)), draws the RTO keep mask and the loss
-weights on the whole of it, then accumulates gradients over `accum_steps` micro-batches; because
-the weights are normalised over the global batch, the summed micro-batch losses are exactly the
-pooled mean (see training/loss.py).
+weights on the whole of it, then accumulates `loss.loss_sums` and its gradients over
+`accum_steps` micro-batches; because the weights are normalised over the global batch, the summed
+micro-batch losses are exactly the pooled mean (see training/loss.py).
 """
 from __future__ import annotations
 
@@ -25,38 +29,23 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from derta_jax.models.config import ModelConfig
-from derta_jax.models.decoder import Decoder, lm_head_weight
+from derta_jax.models.decoder import Decoder, init_variables, lm_head_weight
 from derta_jax.training import loss as loss_lib
 from derta_jax.training import sharding as shd
+from derta_jax.training.loss import LossConfig
+from derta_jax.training.optimizer import OptimizerConfig, make_optimizer
 
 State = dict[str, Any]
 Batch = Mapping[str, jax.Array]
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "rto_mask", "segment_ids", "positions")
-SUM_KEYS = ("weighted", "ce/mle", "ce/rto", "correct/rto", "count/mle", "count/rto",
-            "count/rto_kept", "router_loss")
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    rto_keep: float = 1.0  # share of RTO positions that keep their loss each step
-    normalisation: str = "token"  # token (official) | sequence
-    chunk_size: int = 256  # sequence chunk for the LM head + cross-entropy
-    router_coef: float = 0.0  # MoE load-balancing loss weight (0 = as transformers' default)
-
-    def __post_init__(self):
-        if not 0.0 < self.rto_keep <= 1.0:
-            raise ValueError(f"loss.rto_keep={self.rto_keep}: expected in (0, 1]")
-        if self.normalisation not in loss_lib.NORMALISATIONS:
-            raise ValueError(f"loss.normalisation={self.normalisation!r}: expected one of "
-                             f"{loss_lib.NORMALISATIONS}")
-        if self.chunk_size < 1:
-            raise ValueError(f"loss.chunk_size={self.chunk_size}: expected >= 1")
+TrainStep = Callable[[State, Batch, jax.Array], tuple[State, dict[str, jax.Array]]]
 
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     model: ModelConfig
-    loss: LossConfig
+    loss: LossConfig = LossConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
     accum_steps: int = 1  # micro-batches per optimizer step
 
 
@@ -64,15 +53,9 @@ def uses_lora(cfg: ModelConfig) -> bool:
     return cfg.lora_rank > 0
 
 
-def _init_variables(rng: jax.Array, cfg: ModelConfig) -> dict[str, Any]:
-    """Boxed (logically annotated) variables of a fresh Decoder."""
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    return Decoder(cfg).init({"params": rng}, tokens, tokens, tokens + 1)
-
-
 def _create_state(rng: jax.Array, params: Any | None, *, cfg: ModelConfig,
                   tx: optax.GradientTransformation) -> State:
-    variables = nn.meta.unbox(_init_variables(jax.random.fold_in(rng, 1), cfg))
+    variables = init_variables(cfg, jax.random.fold_in(rng, 1))
     params = variables["params"] if params is None else params
     lora = variables.get("lora", {}) if uses_lora(cfg) else {}
     trainable = lora if uses_lora(cfg) else params
@@ -80,10 +63,11 @@ def _create_state(rng: jax.Array, params: Any | None, *, cfg: ModelConfig,
             "opt_state": tx.init(trainable), "rng": rng}
 
 
-def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation,
-                    mesh: Mesh) -> tuple[State, State]:
-    """(abstract state, NamedSharding per leaf) from jax.eval_shape of the init function."""
-    boxed = jax.eval_shape(functools.partial(_init_variables, cfg=cfg),
+def _state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation,
+                     mesh: Mesh) -> tuple[State, State]:
+    """(abstract state, NamedSharding per leaf) from jax.eval_shape of the init functions."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    boxed = jax.eval_shape(lambda r: Decoder(cfg).init({"params": r}, tokens, tokens, tokens + 1),
                            jax.random.PRNGKey(0))
     var_shardings = shd.logical_shardings(boxed, mesh)
     abstract = jax.eval_shape(functools.partial(_create_state, params=None, cfg=cfg, tx=tx),
@@ -99,19 +83,6 @@ def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation,
     return abstract, shardings
 
 
-def init_state(rng: jax.Array, cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
-               params: Any | None = None) -> State:
-    """The train state created already sharded; `params` (e.g. a loaded model) replace the
-    random initialisation."""
-    _, shardings = state_shardings(cfg, tx, mesh)
-    create = functools.partial(_create_state, cfg=cfg, tx=tx)
-    with mesh, nn.logical_axis_rules(shd.LOGICAL_RULES):
-        if params is None:
-            return jax.jit(lambda r: create(r, None), out_shardings=shardings)(rng)
-        params = jax.device_put(params, shardings["params"])
-        return jax.jit(create, out_shardings=shardings, donate_argnums=1)(rng, params)
-
-
 def _micro_batches(tree: Any, k: int) -> Any:
     """[B, ...] -> [k, B/k, ...], micro-batch i taking rows i, i+k, ... (spread over devices)."""
     def split(x):
@@ -123,17 +94,16 @@ def _micro_batches(tree: Any, k: int) -> Any:
 
 
 def _micro_loss(trainable: Any, frozen: Any, mb: Batch, weights_BL: jax.Array, rng: jax.Array, *,
-                cfg: StepConfig, accum_steps: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+                cfg: StepConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
     mc = cfg.model
     params, lora = (frozen, trainable) if uses_lora(mc) else (trainable, None)
     variables = {"params": params, **({"lora": lora} if lora is not None else {})}
     hidden_BLD, aux = Decoder(mc).apply(
         variables, mb["tokens"], mb["positions"], mb["segment_ids"], return_hidden=True,
         deterministic=mc.lora_dropout == 0.0, rngs={"dropout": rng})
-    sums = loss_lib.chunked_ce_sums(hidden_BLD, lm_head_weight(params, mc), mb, weights_BL,
-                                    chunk_size=cfg.loss.chunk_size)
-    router = jnp.asarray(aux["router_loss"], jnp.float32) / accum_steps
-    return sums["weighted"] + cfg.loss.router_coef * router, {**sums, "router_loss": router}
+    sums = loss_lib.loss_sums(hidden_BLD, lm_head_weight(params, mc), mb, weights_BL, cfg.loss,
+                              aux["router_loss"] / cfg.accum_steps)
+    return sums["loss"], sums
 
 
 def compute_grads(state: State, batch: Batch, rng: jax.Array, *, cfg: StepConfig
@@ -145,12 +115,11 @@ def compute_grads(state: State, batch: Batch, rng: jax.Array, *, cfg: StepConfig
     """
     keep_rng, dropout_rng = jax.random.split(rng)
     batch = {k: batch[k] for k in BATCH_KEYS}
-    weights_BL, _ = loss_lib.loss_weights(batch, rto_keep=cfg.loss.rto_keep, rng=keep_rng,
-                                          normalisation=cfg.loss.normalisation)
+    weights_BL, _ = loss_lib.loss_weights(batch, cfg.loss, keep_rng)
     lora_on = uses_lora(cfg.model)
     trainable, frozen = (state["lora"], state["params"]) if lora_on else (state["params"], None)
     k = cfg.accum_steps
-    grad_fn = jax.grad(functools.partial(_micro_loss, cfg=cfg, accum_steps=k), has_aux=True)
+    grad_fn = jax.grad(functools.partial(_micro_loss, cfg=cfg), has_aux=True)
 
     def accumulate(carry, xs):
         mb, w, i = xs
@@ -158,7 +127,7 @@ def compute_grads(state: State, batch: Batch, rng: jax.Array, *, cfg: StepConfig
         return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
     init = (jax.tree.map(jnp.zeros_like, trainable),
-            {name: jnp.zeros((), jnp.float32) for name in SUM_KEYS})
+            {name: jnp.zeros((), jnp.float32) for name in loss_lib.SUM_KEYS})
     (grads, sums), _ = jax.lax.scan(
         accumulate, init, (_micro_batches(batch, k), _micro_batches(weights_BL, k), jnp.arange(k)))
     return grads, sums
@@ -167,7 +136,7 @@ def compute_grads(state: State, batch: Batch, rng: jax.Array, *, cfg: StepConfig
 def train_step(state: State, batch: Batch, rng: jax.Array, *, cfg: StepConfig,
                tx: optax.GradientTransformation, schedule: optax.Schedule
                ) -> tuple[State, dict[str, jax.Array]]:
-    """One optimizer step on the global batch. Pure; jit it with `make_train_step`."""
+    """One optimizer step on the global batch. Pure; `build` jits it."""
     grads, sums = compute_grads(state, batch, rng, cfg=cfg)
     lora_on = uses_lora(cfg.model)
     trainable = state["lora"] if lora_on else state["params"]
@@ -175,25 +144,45 @@ def train_step(state: State, batch: Batch, rng: jax.Array, *, cfg: StepConfig,
     trainable = optax.apply_updates(trainable, updates)
     new_state = {**state, "step": state["step"] + 1, "opt_state": opt_state,
                  ("lora" if lora_on else "params"): trainable}
-    metrics = {"loss": sums["weighted"] + cfg.loss.router_coef * sums["router_loss"],
-               **loss_lib.metrics_from_sums(sums),
+    metrics = {**loss_lib.metrics_from_sums(sums, cfg.model.is_moe),
                "norm/grad": optax.global_norm(grads), "lr": schedule(state["step"])}
-    if cfg.model.is_moe:
-        metrics["loss/router"] = sums["router_loss"]
     return new_state, metrics
 
 
-def make_train_step(cfg: StepConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    mesh: Mesh, state_sharding: State
-                    ) -> Callable[[State, Batch, jax.Array], tuple[State, dict[str, jax.Array]]]:
-    """`train_step` jitted once with explicit shardings; the state is donated."""
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What `build` returns: everything a loop, a benchmark or a test needs to run steps."""
+
+    cfg: StepConfig
+    mesh: Mesh
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    abstract: State  # ShapeDtypeStructs of the state
+    shardings: State  # NamedSharding per state leaf
+    step_fn: Callable  # the jitted step (in/out shardings set, state donated)
+
+    def init(self, rng: jax.Array, params: Any | None = None) -> State:
+        """The train state created already sharded; `params` (e.g. a loaded model) replace the
+        random initialisation of the base weights."""
+        create = functools.partial(_create_state, cfg=self.cfg.model, tx=self.tx)
+        with self.mesh, nn.logical_axis_rules(shd.LOGICAL_RULES):
+            if params is None:
+                return jax.jit(lambda r: create(r, None), out_shardings=self.shardings)(rng)
+            params = jax.device_put(params, self.shardings["params"])
+            return jax.jit(create, out_shardings=self.shardings, donate_argnums=1)(rng, params)
+
+    def train_step(self, state: State, batch: Batch, rng: jax.Array
+                   ) -> tuple[State, dict[str, jax.Array]]:
+        with self.mesh, nn.logical_axis_rules(shd.LOGICAL_RULES):
+            return self.step_fn(state, {k: batch[k] for k in BATCH_KEYS}, rng)
+
+
+def build(cfg: StepConfig, mesh: Mesh, total_steps: int) -> Setup:
+    """The optimizer, the state's shardings and `train_step` jitted once with explicit shardings."""
+    tx, schedule = make_optimizer(cfg.optimizer, total_steps)
+    abstract, shardings = _state_shardings(cfg.model, tx, mesh)
     step = functools.partial(train_step, cfg=cfg, tx=tx, schedule=schedule)
     batch_sh = {k: shd.batch_sharding(mesh) for k in BATCH_KEYS}
-    jitted = jax.jit(step, in_shardings=(state_sharding, batch_sh, shd.replicated(mesh)),
-                     out_shardings=(state_sharding, shd.replicated(mesh)), donate_argnums=0)
-
-    def run(state: State, batch: Batch, rng: jax.Array) -> tuple[State, dict[str, jax.Array]]:
-        with mesh, nn.logical_axis_rules(shd.LOGICAL_RULES):
-            return jitted(state, {k: batch[k] for k in BATCH_KEYS}, rng)
-
-    return run
+    step_fn = jax.jit(step, in_shardings=(shardings, batch_sh, shd.replicated(mesh)),
+                      out_shardings=(shardings, shd.replicated(mesh)), donate_argnums=0)
+    return Setup(cfg, mesh, tx, schedule, abstract, shardings, step_fn)

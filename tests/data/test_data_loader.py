@@ -1,4 +1,4 @@
-"""Packing isolation and positions, loader determinism, resume (also through Orbax) and host sharding."""
+"""Packing isolation and positions, examples per step, loader determinism, resume (also through Orbax)."""
 import numpy as np
 import pytest
 
@@ -32,11 +32,17 @@ def _take(it, n):
     return [next(it) for _ in range(n)]
 
 
+def _loader(examples, batch, seed, **kwargs):
+    plan = loader.make_plan(examples, batch, kwargs.pop("seq_len", SEQ), seed, **kwargs)
+    return plan, loader.make_loader(examples, plan, seed)
+
+
 def test_packed_rows_keep_examples_apart():
     examples = _examples()
-    for b in _take(loader.make_loader(examples, 4, SEQ, seed=1, num_epochs=1), 3):
-        assert all(b[k].shape == (4, SEQ) for k in packing.BATCH_KEYS)
-        for r in range(4):
+    plan, it = _loader(examples, 8, seed=1)
+    for b in _take(it, 3):
+        assert all(b[k].shape == (plan.rows_per_step, SEQ) for k in packing.BATCH_KEYS)
+        for r in range(plan.rows_per_step):
             seg, pos, tok, tgt = b["segment_ids"][r], b["positions"][r], b["tokens"][r], b["targets"][r]
             for k in np.unique(seg[seg > 0]):
                 idx = np.flatnonzero(seg == k)
@@ -55,7 +61,7 @@ def test_packed_rows_keep_examples_apart():
 
 
 def test_unpacked_batches_pad_to_buckets():
-    b = next(loader.make_loader(_examples(), 4, SEQ, seed=0, packing=False, bucket_lengths=(20, SEQ)))
+    b = next(_loader(_examples(), 4, seed=0, packing=False, bucket_lengths=(20, SEQ))[1])
     assert b["tokens"].shape == (4, 20) and set(np.unique(b["segment_ids"])) <= {0, 1}
     assert 0 < packing.non_pad_share(b) < 1
     with pytest.raises(ValueError, match="fits no bucket"):
@@ -63,19 +69,19 @@ def test_unpacked_batches_pad_to_buckets():
 
 
 def test_same_seed_same_batches_other_seed_other_order():
-    a = _take(loader.make_loader(_examples(), 4, SEQ, seed=3), 4)
-    b = _take(loader.make_loader(_examples(), 4, SEQ, seed=3), 4)
-    c = _take(loader.make_loader(_examples(), 4, SEQ, seed=4), 4)
+    a = _take(_loader(_examples(), 4, seed=3, epochs=2)[1], 4)
+    b = _take(_loader(_examples(), 4, seed=3, epochs=2)[1], 4)
+    c = _take(_loader(_examples(), 4, seed=4, epochs=2)[1], 4)
     assert all((x["tokens"] == y["tokens"]).all() for x, y in zip(a, b))
     assert any((x["tokens"] != y["tokens"]).any() for x, y in zip(a, c))
 
 
 def test_resume_mid_epoch_equals_uninterrupted_run():
-    it = loader.make_loader(_examples(), 4, SEQ, seed=5)
+    _, it = _loader(_examples(), 4, seed=5, epochs=2)
     _take(it, 3)
     state = it.get_state()
-    want = _take(it, 12)  # crosses the epoch boundary
-    resumed = loader.make_loader(_examples(), 4, SEQ, seed=5)
+    want = _take(it, 12)  # crosses the epoch boundary (10 steps per epoch)
+    _, resumed = _loader(_examples(), 4, seed=5, epochs=2)
     resumed.set_state(state)
     got = _take(resumed, 12)
     for w, g in zip(want, got):
@@ -85,31 +91,46 @@ def test_resume_mid_epoch_equals_uninterrupted_run():
 def test_resume_through_orbax_with_the_grain_handler(tmp_path):
     grain = pytest.importorskip("grain")
     ocp = pytest.importorskip("orbax.checkpoint")
-    it = loader.make_loader(_examples(), 4, SEQ, seed=6)
+    _, it = _loader(_examples(), 4, seed=6)
     _take(it, 2)
     with ocp.CheckpointManager(tmp_path) as mngr:
         mngr.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
         mngr.wait_until_finished()
         want = _take(it, 3)
-        fresh = loader.make_loader(_examples(), 4, SEQ, seed=6)
+        _, fresh = _loader(_examples(), 4, seed=6)
         mngr.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
     assert all((w["tokens"] == g["tokens"]).all() for w, g in zip(want, _take(fresh, 3)))
 
 
-@pytest.mark.parametrize("hosts", [2, 4])
-def test_hosts_together_see_every_example_once_per_epoch(hosts):
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("batch", [1, 4, 7])
+def test_every_step_takes_batch_examples_and_every_example_is_seen_once_per_epoch(packed, batch):
+    """41 examples, `batch` per step: ceil(41 / batch) steps per epoch, the last takes the rest."""
     examples = _examples(n=41)
-    for epoch_batches in (1, 2):
-        seen = []
-        for h in range(hosts):
-            it = loader.make_loader(examples, 1, SEQ, seed=2, packing=False, shard_index=h,
-                                    shard_count=hosts, num_epochs=epoch_batches)
-            seen += _seen(list(it))
-        assert sorted(seen) == sorted(list(range(41)) * epoch_batches)
+    plan, it = _loader(examples, batch, seed=2, epochs=2, packing=packed)
+    per_epoch = -(-41 // batch)
+    assert (plan.steps_per_epoch, plan.total_steps) == (per_epoch, 2 * per_epoch)
+    batches = list(it)
+    assert len(batches) == 2 * per_epoch
+    assert {b["tokens"].shape[0] for b in batches} == {plan.rows_per_step}  # static shapes
+    counts = [len(_seen([b])) for b in batches]
+    assert counts == ([batch] * (per_epoch - 1) + [41 - batch * (per_epoch - 1)]) * 2
+    for epoch in range(2):
+        assert sorted(_seen(batches[epoch * per_epoch:(epoch + 1) * per_epoch])) == list(range(41))
+
+
+def test_rows_per_step_is_a_multiple_of_the_data_shards_and_pad_share_is_measured():
+    examples = _examples(n=41)
+    plan, it = _loader(examples, 8, seed=0, row_multiple=4)
+    assert plan.rows_per_step % 4 == 0
+    batches = list(it)
+    slots = sum(b["segment_ids"].size for b in batches)
+    np.testing.assert_allclose(plan.pad_share,
+                               sum((b["segment_ids"] == 0).sum() for b in batches) / slots)
 
 
 def test_epochs_are_reshuffled():
-    it = loader.make_loader(_examples(n=12), 1, SEQ, seed=0, packing=False, num_epochs=2)
+    _, it = _loader(_examples(n=12), 1, seed=0, packing=False, epochs=2)
     order = _seen(list(it))
     assert sorted(order[:12]) == sorted(order[12:]) == list(range(12)) and order[:12] != order[12:]
 
@@ -123,13 +144,12 @@ def test_token_cut_is_redrawn_every_epoch_independent_of_hosts():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(shard_index=2, shard_count=2), "shard_index=2"),
-    (dict(batch_size_per_host=0), "batch_size_per_host=0"),
+    (dict(batch_size=0), "batch_size=0"),
     (dict(seq_len=2), "example 0 has a 2-token prompt"),
 ])
 def test_bad_loader_arguments(kwargs, match):
-    args = dict(examples=_examples(), batch_size_per_host=2, seq_len=SEQ, seed=0) | kwargs
+    args = dict(examples=_examples(), batch_size=2, seq_len=SEQ, seed=0) | kwargs
     with pytest.raises(ValueError, match=match):
-        loader.make_loader(**args)
+        loader.make_plan(**args)
     with pytest.raises(ValueError, match="no examples"):
-        loader.make_loader([], 2, SEQ, 0)
+        loader.make_plan([], 2, SEQ, 0)

@@ -1,4 +1,5 @@
 """The official recipe on hand-written triples, against records written by hand from the rules."""
+import logging
 import random
 
 import pytest
@@ -19,21 +20,24 @@ PAIRS = [{"instruction": "I0", "output": "O0"}, {"instruction": "I1", "output": 
 H = [DertaRecord("[INST] I0 [\\INST]", " O0" + E, False), DertaRecord("[INST] I1 [\\INST]", " O1" + E, False)]
 RTO = [DertaRecord("[INST] Q0 [\\INST]", " a b c d" + E, True),
        DertaRecord("[INST] Q1 [\\INST]", " x y" + E, True),
-       DertaRecord("[INST] Q2 [\\INST]", " one two three" + E, True)]
+       DertaRecord("[INST] Q2 [\\INST]", " one two three" + E, True),
+       DertaRecord("[INST] Q3 [\\INST]", " p q r" + E, True),
+       DertaRecord("[INST] Q4 [\\INST]", " u v w" + E, True)]
 PREFIX = [DertaRecord("[INST] Q0 [\\INST] ", " No0." + E, False),       # index 0: i = 0, trailing space
           DertaRecord("[INST] Q2 [\\INST] one", " No2." + E, False),    # 3 words: i in [1, 1]
           DertaRecord("[INST] Q3 [\\INST] ", " No3." + E, False),       # index 3: i = 0
           DertaRecord("[INST] Q4 [\\INST] u", " No4." + E, False)]
 VANILLA = [DertaRecord("[INST] Q0 [\\INST]", " No0." + E, False),
            DertaRecord("[INST] Q2 [\\INST]", " No2." + E, False),
-           DertaRecord("[INST] Q3 [\\INST]", " No3." + E, False)]
+           DertaRecord("[INST] Q3 [\\INST]", " No3." + E, False),
+           DertaRecord("[INST] Q4 [\\INST]", " No4." + E, False)]
 
 
 @pytest.mark.parametrize("name,counts,expected", [
-    ("derta", dict(rto_count=3, prefix_count=4), H + RTO + PREFIX),
-    ("vanilla", dict(vanilla_count=3), H + VANILLA),
+    ("derta", dict(rto_count=3, prefix_count=4), H + RTO[:3] + PREFIX),
+    ("vanilla", dict(vanilla_count=3), H + VANILLA[:3]),
     ("recaug", dict(prefix_count=2), H + PREFIX[:2]),
-    ("rto_only", dict(rto_count=2, vanilla_count=3), H + RTO[:2] + VANILLA),
+    ("rto_only", dict(rto_count=2, vanilla_count=3), H + RTO[:2] + VANILLA[:3]),
 ])
 def test_mixtures_match_hand_written_records(name, counts, expected):
     assert recipe.build_mixture(name, TRIPLES, PAIRS, seed=0, **counts) == expected
@@ -63,17 +67,30 @@ def test_token_cut_keeps_prefix_bare_and_carries_the_harmful_response():
 
 
 def test_chat_template_puts_the_harmful_prefix_in_the_assistant_turn():
-    t = Template(kind="chat", eos="<END>", chat_prefix="<U>", chat_suffix="</U><A>")
+    t = Template(kind="chat", eos="<END>", render="<U>{}</U><A>".format)
     got = recipe.harmful_prefix_records(TRIPLES, t)
     assert got[0] == DertaRecord("<U>Q0</U><A>", "No0.<END>", False)
     assert got[1] == DertaRecord("<U>Q2</U><A>one", " No2.<END>", False)
+
+
+def test_chat_token_cut_text_is_the_vanilla_one_and_a_space_joins_after_a_cut():
+    t = Template(kind="chat", eos="<END>", render="<U>{}</U><A>".format)
+    got = recipe.harmful_prefix_records(TRIPLES, t, cut="token")
+    assert got[1] == DertaRecord("<U>Q2</U><A>", "No2.<END>", False, harmful="one two three",
+                                 cut_text=" No2.<END>")
+    assert got[1].text == recipe.vanilla_records(TRIPLES, t)[1].text
+    assert got[1].to_json() == {"prefix": "<U>Q2</U><A>", "text": "No2.<END>", "safe": "false",
+                                "harmful": "one two three", "cut_text": " No2.<END>"}
+    assert DertaRecord.from_json(got[1].to_json()) == got[1]
+    base = recipe.harmful_prefix_records(TRIPLES, base_template(), cut="token")[1]
+    assert base.cut_text == "" and DertaRecord.from_json(base.to_json()) == base  # base: text already joins
 
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(recipe="nope"), "recipe='nope'"),
     (dict(recipe="derta", rto_count=4), "rto_count=4 but the sources give only 3"),
     (dict(recipe="derta", vanilla_count=1), "vanilla_count=1 given but recipe 'derta'"),
-    (dict(recipe="derta", prefix_count=-1, rto_count=1), "prefix_count=-1"),
+    (dict(recipe="derta", prefix_count=-2, rto_count=1), r"prefix_count=-2 must be >= 0 \(or -1"),
     (dict(recipe="derta", rto_count=1, prefix_count=1, cut="char"), "cut='char'"),
 ])
 def test_bad_mixture_arguments(kwargs, match):
@@ -81,6 +98,33 @@ def test_bad_mixture_arguments(kwargs, match):
         recipe.build_mixture(safety=TRIPLES[:3], helpful=PAIRS, **kwargs)
 
 
-def test_official_defaults_need_enough_data():
-    with pytest.raises(ValueError, match="rto_count=3000"):
-        recipe.build_mixture("derta", TRIPLES, PAIRS)
+def test_official_counts_take_what_small_sources_have_and_log_it(caplog):
+    with caplog.at_level(logging.INFO, logger="derta_jax.data.recipe"):
+        assert recipe.build_mixture("derta", TRIPLES, PAIRS) == H + RTO + PREFIX
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "rto: 5 of the official 3,000 examples (all the sources give)"),
+        ("WARNING", "prefix: 4 of the official 3,000 examples (all the sources give)"),
+        ("INFO", "recipe derta: 2 helpful + 5 rto + 4 prefix = 11 records")]
+    # -1 (the config's "official") is None; a part the recipe does not use may be -1 too
+    assert recipe.build_mixture("derta", TRIPLES, PAIRS, rto_count=-1, prefix_count=-1,
+                                vanilla_count=-1, helpful_count=-1) == H + RTO + PREFIX
+    assert recipe.build_mixture("vanilla", TRIPLES, PAIRS, rto_count=-1) == H + VANILLA
+
+
+def test_explicit_count_larger_than_the_sources_is_an_error():
+    with pytest.raises(ValueError, match=r"^prefix_count=5 but the sources give only 4 prefix examples"):
+        recipe.build_mixture("derta", TRIPLES, PAIRS, prefix_count=5)
+    with pytest.raises(ValueError, match=r"^helpful_count=3 but the sources give only 2 helpful"):
+        recipe.build_mixture("vanilla", TRIPLES, PAIRS, helpful_count=3, vanilla_count=1)
+
+
+def test_recipes_are_the_one_list_of_names_and_official_counts():
+    assert recipe.RECIPES == {"derta": {"rto": 3000, "prefix": 3000}, "vanilla": {"vanilla": 6000},
+                              "recaug": {"prefix": 6000}, "rto_only": {"rto": 3000, "vanilla": 3000}}
+    assert list(recipe.RECIPES["derta"]) == ["rto", "prefix"]  # the mixing order
+    assert "derta" in recipe.RECIPES and "nope" not in recipe.RECIPES
+    assert recipe.safety_counts("rto_only") == {"rto_count": 3000, "vanilla_count": 3000}
+    assert recipe.safety_counts("derta", 301) == {"rto_count": 150, "prefix_count": 151}
+    assert recipe.safety_counts("recaug", 7) == {"prefix_count": 7}
+    with pytest.raises(ValueError, match="recipe='x': expected one of derta, vanilla, recaug, rto_only"):
+        recipe.safety_counts("x")

@@ -1,9 +1,14 @@
 """TFDS sources (array_record, no TF) keep file order and validation; the build CLI writes the recipe."""
 import json
+import logging
 
+import numpy as np
 import pytest
+import transformers
 
 from derta_jax.data import build, pipeline, records, sources
+from derta_jax.data.recipe import DertaRecord
+from derta_jax.data.tokenize import build_examples
 
 
 def test_tfds_safety_source_equals_the_validated_file(tmp_path):
@@ -35,4 +40,53 @@ def test_build_cli_writes_the_official_records(tmp_path):
     assert rows[3] == {"prefix": f"[INST] {triple['query']} [\\INST]",
                        "text": " " + triple["harmful_response"] + "<|end_of_text|>", "safe": "true"}
     assert rows[8]["prefix"] == f"[INST] {triple['query']} [\\INST] "  # source index 0: no harmful prefix
-    assert build.main(["--recipe", "derta", "--safety", "demo", "--helpful", "demo", "--out", str(out)]) == 2
+    assert build.main(["--recipe", "derta", "--safety", "demo", "--helpful", "demo", "--out", str(out),
+                       "--eos-text", "</s>", "--rto-count", "1", "--prefix-count", "1"]) == 0
+    assert [json.loads(l)["text"][-4:] for l in out.read_text().splitlines()] == ["</s>"] * 562
+
+
+def test_build_cli_official_counts_take_what_the_demo_has(tmp_path, caplog, capsys):
+    out = tmp_path / "derta.jsonl"
+    argv = ["--recipe", "derta", "--safety", "demo", "--helpful", "demo", "--out", str(out)]
+    with caplog.at_level(logging.INFO):
+        assert build.main(argv) == 0
+    # the demo's 320 triples: 320 RTO, and 320 harmful-prefix examples (all have >= 3 words)
+    assert "rto: 320 of the official 3,000 examples (all the sources give)" in caplog.messages
+    assert "prefix: 320 of the official 3,000 examples (all the sources give)" in caplog.messages
+    assert "recipe derta: 560 helpful + 320 rto + 320 prefix = 1200 records" in caplog.messages
+    assert len(out.read_text().splitlines()) == 1200
+    capsys.readouterr()
+    assert build.main(argv + ["--rto-count", "321"]) == 2
+    assert capsys.readouterr().err == ("error: rto_count=321 but the sources give only 320 rto examples; "
+                                       "pass a smaller rto_count\n")
+
+
+@pytest.fixture(scope="module")
+def instruct_tokenizer_dir(llama3_tokenizer_dir, tmp_path_factory):
+    """The LLaMA-3 fixture as an Instruct tokenizer: its eos is <|eot_id|>, not the literal."""
+    folder = tmp_path_factory.mktemp("llama3_instruct")
+    tok = transformers.AutoTokenizer.from_pretrained(llama3_tokenizer_dir, eos_token="<|eot_id|>")
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("template,cut", [("base", "word"), ("chat", "token")])
+def test_build_and_training_give_the_same_records(tmp_path, instruct_tokenizer_dir, template, cut):
+    tok = transformers.AutoTokenizer.from_pretrained(instruct_tokenizer_dir)
+    assert tok.eos_token == "<|eot_id|>"
+    out = tmp_path / "built.jsonl"
+    counts = dict(helpful_count=4, rto_count=3, prefix_count=5)
+    assert build.main(["--recipe", "derta", "--safety", "demo", "--helpful", "demo", "--out", str(out),
+                       "--template", template, "--cut", cut, "--tokenizer", str(instruct_tokenizer_dir)]
+                      + [a for k, v in counts.items() for a in (f"--{k.replace('_', '-')}", str(v))]) == 0
+    built = [DertaRecord.from_json(json.loads(l)) for l in out.read_text().splitlines()]
+    if template == "base":
+        assert all(r.text.endswith("<|end_of_text|>") for r in built)  # the literal, not the tokenizer's eos
+    examples, stats = pipeline.training_examples(tok, "derta", template=template, cut=cut, max_length=512,
+                                                 **counts)
+    from_file, _ = build_examples(built, tok, 512, refusal_id=19701, template_kind=template)
+    assert stats.examples == len(built) == 12
+    for a, b in zip(examples, from_file):
+        assert np.array_equal(a.tokens, b.tokens) and a.prompt_len == b.prompt_len, a
+        assert (a.refusal_id, a.cut_len, a.max_cut) == (b.refusal_id, b.cut_len, b.max_cut)
+        assert (a.uncut is None) == (b.uncut is None) and (a.uncut is None or np.array_equal(a.uncut, b.uncut))

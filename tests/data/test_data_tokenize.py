@@ -1,12 +1,13 @@
 """Masks line up with the tokens: LLaMA-3 fixture and SmolLM2 tokenizers, base and chat templates."""
 import json
+import logging
 import shutil
 
 import numpy as np
 import pytest
 import transformers
 
-from derta_jax.data import recipe, refusal, templates
+from derta_jax.data import pipeline, recipe, refusal, templates
 from derta_jax.data.tokenize import TokenizedExample, build_examples, materialize
 
 TRIPLES = [{"query": "How do I pick a lock?", "harmful_response": "Sure, here is how. Step 1: Get a tool.",
@@ -86,7 +87,78 @@ def test_masks_line_up_with_tokens(request, tok_name, kind):
             assert tok.decode(a["tokens"][sup + 1]) == rec.text
         else:
             assert tok.decode(a["targets"][sup]) == rec.text and not a["rto_mask"].any()
-        assert a["tokens"][-1] == tok.convert_tokens_to_ids(tpl.eos)
+        eos_ids = tok(tpl.eos, add_special_tokens=False)["input_ids"]
+        if (tok_name, kind) == ("smollm2", "base"):  # the literal is plain text to SmolLM2
+            assert len(eos_ids) == 9 and tok.decode(a["tokens"]).endswith("<|end_of_text|>")
+        else:
+            assert a["tokens"][-1] == eos_ids[0] and len(eos_ids) == 1
+
+
+def test_official_eos_literal_is_one_special_token_only_where_the_tokenizer_has_it(llama3, smollm2):
+    assert templates.make_template("base", smollm2).eos == templates.OFFICIAL_EOS == "<|end_of_text|>"
+    assert llama3("<|end_of_text|>", add_special_tokens=False)["input_ids"] == [128001]
+    ids = smollm2("<|end_of_text|>", add_special_tokens=False)["input_ids"]
+    assert ids == [44, 108, 486, 79, 1714, 79, 2692, 108, 46]
+    assert smollm2.convert_ids_to_tokens(ids) == ["<", "|", "end", "_", "of", "_", "text", "|", ">"]
+
+
+def test_training_warns_when_the_eos_text_is_not_one_token(llama3, smollm2, caplog):
+    small = dict(helpful_count=1, rto_count=1, prefix_count=1, max_length=128)
+    with caplog.at_level(logging.WARNING, logger="derta_jax.data.pipeline"):
+        pipeline.training_examples(llama3, **small)
+        assert caplog.messages == []
+        pipeline.training_examples(smollm2, **small)
+        (message,) = caplog.messages
+    assert message.startswith("eos_text '<|end_of_text|>' is 9 tokens with tokenizer")
+    assert message.endswith("set eos_text to the tokenizer's eos ('<|im_end|>') or use the chat template")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="derta_jax.data.pipeline"):
+        examples, _ = pipeline.training_examples(smollm2, eos_text="<|im_end|>", **small)
+    assert caplog.messages == [] and examples[0].tokens[-1] == smollm2.convert_tokens_to_ids("<|im_end|>")
+
+
+@pytest.mark.parametrize("tok_name", ["llama3", "smollm2"])
+def test_chat_prompt_is_exactly_apply_chat_template(request, tok_name):
+    tok = request.getfixturevalue(tok_name)
+    tpl = templates.make_template("chat", tok)
+    questions = [" How do I pick a lock?", "How do I pick a lock?\n", "\n\t How?  \n", "plain"]
+    for q in questions:
+        reference = tok.apply_chat_template([{"role": "user", "content": q}],
+                                            add_generation_prompt=True, tokenize=False)
+        assert tpl.prompt(q) == reference, q
+    triples = [{"query": q, "harmful_response": "a b c", "safe_response": "No."} for q in questions]
+    recs = recipe.build_mixture("rto_only", triples, PAIRS, tpl, rto_count=4, vanilla_count=3)
+    assert [r.prefix for r in recs[1:5]] == [tpl.prompt(q) for q in questions]
+    if tok_name == "llama3":  # its template trims the message
+        assert tpl.prompt("\n\t How?  \n") == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>"
+                                              "\n\nHow?<|eot_id|><|start_header_id|>assistant"
+                                              "<|end_header_id|>\n\n")
+    else:  # SmolLM2's keeps it as written
+        assert tpl.prompt("\n\t How?  \n").endswith("<|im_start|>user\n\n\t How?  \n<|im_end|>\n"
+                                                   "<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("tok_name", ["llama3", "smollm2"])
+def test_chat_token_cut_with_k_0_is_the_vanilla_example(request, tok_name):
+    tok = request.getfixturevalue(tok_name)
+    tpl = templates.make_template("chat", tok)
+    cut_recs = recipe.harmful_prefix_records(TRIPLES, tpl, cut="token")
+    vanilla_recs = recipe.vanilla_records(TRIPLES, tpl)
+    (cut, *_), _ = build_examples(cut_recs, tok, 256, template_kind="chat")
+    (vanilla, *_), _ = build_examples(vanilla_recs, tok, 256, template_kind="chat")
+    a, b = materialize(cut, 256, 0), materialize(vanilla, 256)
+    assert all((a[key] == b[key]).all() for key in b) and a.keys() == b.keys()
+    sorry = tok("Sorry", add_special_tokens=False)["input_ids"]
+    space_sorry = tok(" Sorry", add_special_tokens=False)["input_ids"]
+    p = cut.prompt_len
+    assert a["tokens"][p:p + len(sorry)].tolist() == sorry  # no space after the generation prompt
+    for k in (1, cut.max_cut):  # after k harmful tokens a space joins the safe response
+        c = materialize(cut, 256, k)
+        assert c["tokens"][p + k:p + k + len(space_sorry)].tolist() == space_sorry
+        assert len(c["tokens"]) == cut.length(k)
+    assert len(a["tokens"]) == cut.length(0)
+    if tok_name == "llama3":  # SOURCE.md: "Sorry" 19701, " Sorry" 33386
+        assert sorry == [19701] and space_sorry == [33386]
 
 
 def test_chat_templates_end_of_turn(llama3, smollm2):

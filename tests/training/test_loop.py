@@ -69,9 +69,11 @@ def test_nan_loss_stops_the_run(tmp_path, llama3_tokenizer_dir):
 @pytest.mark.parametrize("key,value,match", [
     ("loss.rto_keep", 0.0, r"loss.rto_keep=0.0"),
     ("data.recipe", "derta2", r"data.recipe='derta2'"),
-    ("train.accum_steps", 3, r"train.accum_steps=3"),
+    ("train.accum_steps", 0, r"train.accum_steps=0"),
     ("model.init", "zeros", r"model.init='zeros'"),
-    ("optimizer.schedule", "linear", r"optimizer.schedule='linear'"),
+    ("optimizer.schedule", "exponential", r"optimizer.schedule='exponential'"),
+    ("model.dtype", "float16", r"model.dtype='float16'"),
+    ("loss.rto_keep_rule", "most", r"loss.rto_keep_rule='most'"),
 ])
 def test_validate_names_the_key_and_value(key, value, match):
     config = tiny_config(steps=2)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from derta_jax.training import loss as loss_lib
+from derta_jax.training.loss import LossConfig
 
 B, L, D, V, REFUSAL = 3, 10, 8, 13, 7
 
@@ -44,8 +45,8 @@ def inputs():
 @pytest.mark.parametrize("chunk", [3, 4, 10, 64])
 def test_token_mean_matches_numpy(inputs, chunk):
     hidden, w, batch = inputs
-    loss, aux = loss_lib.derta_loss(hidden, w, batch, rto_keep=1.0, rng=jax.random.PRNGKey(0),
-                                    chunk_size=chunk)
+    loss, aux = loss_lib.derta_loss(hidden, w, batch, LossConfig(chunk_size=chunk),
+                                    jax.random.PRNGKey(0))
     ce, argmax = numpy_ce(hidden, w, batch["targets"])
     mle = batch["loss_mask"] & ~batch["rto_mask"]
     rto = batch["rto_mask"]
@@ -58,8 +59,9 @@ def test_token_mean_matches_numpy(inputs, chunk):
 
 def test_sequence_mean_matches_numpy(inputs):
     hidden, w, batch = inputs
-    loss, _ = loss_lib.derta_loss(hidden, w, batch, rto_keep=1.0, rng=jax.random.PRNGKey(0),
-                                  chunk_size=4, normalisation="sequence")
+    loss, _ = loss_lib.derta_loss(hidden, w, batch,
+                                  LossConfig(chunk_size=4, normalisation="sequence"),
+                                  jax.random.PRNGKey(0))
     ce, _ = numpy_ce(hidden, w, batch["targets"])
     means = []
     for b in range(B):
@@ -81,8 +83,8 @@ def test_chunked_gradients_match_full_logits(inputs):
         return (ce * m).sum() / m.sum()
 
     def chunked(hidden, w):
-        return loss_lib.derta_loss(hidden, w, batch, rto_keep=1.0, rng=jax.random.PRNGKey(0),
-                                   chunk_size=3)[0]
+        return loss_lib.derta_loss(hidden, w, batch, LossConfig(chunk_size=3),
+                                   jax.random.PRNGKey(0))[0]
 
     g_full = jax.grad(full, argnums=(0, 1))(hidden, w)
     g_chunk = jax.grad(chunked, argnums=(0, 1))(hidden, w)
@@ -107,19 +109,46 @@ def test_rto_keep_mask_keeps_one_per_sequence_and_about_the_ratio():
     np.testing.assert_array_equal(loss_lib.rto_keep_mask(rto, seg, jax.random.PRNGKey(3), 1.0), rto)
 
 
-def test_dropped_rto_positions_carry_no_loss(inputs):
+@pytest.mark.parametrize("rule", loss_lib.KEEP_RULES)
+def test_dropped_rto_positions_carry_no_loss(inputs, rule):
     hidden, w, batch = inputs
     rng = jax.random.PRNGKey(5)
-    loss, aux = loss_lib.derta_loss(hidden, w, batch, rto_keep=0.3, rng=rng, chunk_size=4)
-    _, kept = loss_lib.loss_weights(batch, rto_keep=0.3, rng=rng)
+    cfg = LossConfig(rto_keep=0.3, rto_keep_rule=rule, chunk_size=4)
+    loss, aux = loss_lib.derta_loss(hidden, w, batch, cfg, rng)
+    _, kept = loss_lib.loss_weights(batch, cfg, rng)
     kept = np.asarray(kept)
     ce, _ = numpy_ce(hidden, w, batch["targets"])
     np.testing.assert_allclose(loss, ce[kept].mean(), rtol=1e-5)
     assert aux["tokens/rto_kept"] == (kept & batch["rto_mask"]).sum() < batch["rto_mask"].sum()
 
 
-def test_unknown_normalisation_names_the_key(inputs):
-    hidden, w, batch = inputs
-    with pytest.raises(ValueError, match="loss.normalisation='mean'"):
-        loss_lib.derta_loss(hidden, w, batch, rto_keep=1.0, rng=jax.random.PRNGKey(0),
-                            normalisation="mean")
+def test_unknown_normalisation_names_the_key():
+    with pytest.raises(ValueError, match="normalisation='mean'"):
+        LossConfig(normalisation="mean")
+    with pytest.raises(ValueError, match="rto_keep_rule='some'"):
+        LossConfig(rto_keep_rule="some")
+
+
+@pytest.mark.parametrize("length,keep,count", [(1024, 0.05, 52), (100, 0.05, 5), (20, 0.05, 1),
+                                               (10, 0.05, 1), (41, 0.05, 3), (64, 1.0, 64)])
+def test_official_keep_count_is_max_1_ceil_n_over_20(length, keep, count):
+    assert loss_lib.official_keep_count(length, keep) == count
+
+
+def test_official_rule_on_a_10_token_response_in_a_1024_token_row():
+    """max(1, ceil(1024/20)) = 52 distinct positions of the row; the response's 10 positions keep
+    52 * 10 / 1024 = 0.508 on average and none with probability C(1014, 52) / C(1024, 52)."""
+    rows, length = 4000, 1024
+    rto = np.zeros((rows, length), bool)
+    rto[:, 600:610] = True
+    kept = np.asarray(loss_lib.rto_keep_official(jnp.asarray(rto), jax.random.PRNGKey(0), 0.05))
+    assert not (kept & ~rto).any()
+    per_row = kept.sum(axis=1)
+    p_none = np.prod([(1024 - 52 - i) / (1024 - i) for i in range(10)])  # 0.592
+    np.testing.assert_allclose(per_row.mean(), 52 * 10 / 1024, atol=0.04)
+    np.testing.assert_allclose((per_row == 0).mean(), p_none, atol=0.03)
+    drawn = np.asarray(loss_lib.rto_keep_official(jnp.ones((8, length), bool),
+                                                  jax.random.PRNGKey(1), 0.05))
+    assert (drawn.sum(axis=1) == 52).all()  # exactly ceil(n / 20) distinct positions per row
+    assert not (np.asarray(loss_lib.rto_keep_official(jnp.asarray(rto), jax.random.PRNGKey(2),
+                                                       0.05)) == kept).all()  # redrawn per rng

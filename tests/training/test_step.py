@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from derta_jax.models.decoder import Decoder, lm_head_weight
+from derta_jax.models.decoder import Decoder, init_variables, lm_head_weight
 from derta_jax.training import loss as loss_lib
+from derta_jax.training.loss import LossConfig
 from derta_jax.training import optimizer as opt_lib
 from derta_jax.training import sharding as shd
 from derta_jax.training import step as step_lib
@@ -19,13 +20,9 @@ OPT = opt_lib.OptimizerConfig(learning_rate=1e-2, schedule="constant", warmup_ra
 
 def make(model_cfg, mesh_cfg, accum=1, rto_keep=1.0):
     mesh = shd.make_mesh(mesh_cfg)
-    tx, schedule = opt_lib.make_optimizer(OPT, total_steps=10)
-    cfg = step_lib.StepConfig(model=model_cfg, loss=step_lib.LossConfig(rto_keep=rto_keep,
-                                                                         chunk_size=8),
-                              accum_steps=accum)
-    state = step_lib.init_state(jax.random.PRNGKey(0), model_cfg, tx, mesh)
-    _, shardings = step_lib.state_shardings(model_cfg, tx, mesh)
-    return mesh, cfg, state, step_lib.make_train_step(cfg, tx, schedule, mesh, shardings)
+    cfg = step_lib.StepConfig(model_cfg, LossConfig(rto_keep=rto_keep, chunk_size=8), OPT, accum)
+    setup = step_lib.build(cfg, mesh, total_steps=10)
+    return mesh, cfg, setup.init(jax.random.PRNGKey(0)), setup.train_step
 
 
 def grads_on(mesh, cfg, state, batch, rng):
@@ -47,9 +44,8 @@ def assert_trees_close(a, b, rtol=1e-5):
 def one_device():
     model = tiny_model()
     mesh = shd.make_mesh(shd.MeshConfig(data=1), jax.devices()[:1])
-    tx, _ = opt_lib.make_optimizer(OPT, total_steps=10)
-    cfg = step_lib.StepConfig(model, step_lib.LossConfig(rto_keep=0.5, chunk_size=8))
-    state = step_lib.init_state(jax.random.PRNGKey(0), model, tx, mesh)
+    cfg = step_lib.StepConfig(model, LossConfig(rto_keep=0.5, chunk_size=8), OPT)
+    state = step_lib.build(cfg, mesh, total_steps=10).init(jax.random.PRNGKey(0))
     batch = random_batch(8, 16, seed=0)
     return model, cfg, jax.device_get(state), batch, grads_on(mesh, cfg, state, batch,
                                                                jax.random.PRNGKey(7))
@@ -60,8 +56,7 @@ def test_mesh_shapes_give_the_one_device_loss_and_grads(one_device, shape):
     model, cfg, host_state, batch, (g1, s1) = one_device
     mesh_cfg = shd.MeshConfig(*shape)
     mesh = shd.make_mesh(mesh_cfg)
-    tx, _ = opt_lib.make_optimizer(OPT, total_steps=10)
-    _, shardings = step_lib.state_shardings(model, tx, mesh)
+    shardings = step_lib.build(cfg, mesh, total_steps=10).shardings
     state = jax.device_put(host_state, shardings)
     if shape[2] > 1:  # the tensor axis really splits the heads
         assert shardings["params"]["layers_0"]["attn"]["q_proj"]["kernel"].spec[1] == "tensor"
@@ -74,7 +69,7 @@ def test_mesh_shapes_give_the_one_device_loss_and_grads(one_device, shape):
 def test_micro_batches_equal_one_big_batch(one_device, k):
     model, cfg, host_state, batch, (g1, s1) = one_device
     mesh = shd.make_mesh(shd.MeshConfig(data=1), jax.devices()[:1])
-    gk, sk = grads_on(mesh, step_lib.StepConfig(model, cfg.loss, accum_steps=k), host_state,
+    gk, sk = grads_on(mesh, step_lib.StepConfig(model, cfg.loss, OPT, accum_steps=k), host_state,
                       batch, jax.random.PRNGKey(7))
     assert_trees_close(s1, sk)
     assert_trees_close(g1, gk)
@@ -98,13 +93,13 @@ def test_lora_with_zero_b_is_the_base_model_and_base_stays_frozen():
     base_cfg = tiny_model(num_layers=1)
     lora_cfg = tiny_model(num_layers=1, lora_rank=4, lora_alpha=8.0)
     mesh = shd.make_mesh(shd.MeshConfig(data=2, fsdp=4))
-    tx, schedule = opt_lib.make_optimizer(OPT, total_steps=10)
-    base = step_lib.init_state(jax.random.PRNGKey(0), base_cfg, tx, mesh)
+    cfg_base = step_lib.StepConfig(base_cfg, LossConfig(chunk_size=8), OPT)
+    cfg_lora = step_lib.StepConfig(lora_cfg, LossConfig(chunk_size=8), OPT)
+    base = step_lib.build(cfg_base, mesh, total_steps=10).init(jax.random.PRNGKey(0))
     base_params = jax.device_get(base["params"])
-    state = step_lib.init_state(jax.random.PRNGKey(0), lora_cfg, tx, mesh, params=base_params)
+    lora_setup = step_lib.build(cfg_lora, mesh, total_steps=10)
+    state = lora_setup.init(jax.random.PRNGKey(0), params=base_params)
     batch = random_batch(8, 16, seed=2)
-    cfg_base = step_lib.StepConfig(base_cfg, step_lib.LossConfig(chunk_size=8))
-    cfg_lora = step_lib.StepConfig(lora_cfg, step_lib.LossConfig(chunk_size=8))
     _, s_base = grads_on(mesh, cfg_base, base, batch, jax.random.PRNGKey(1))
     _, s_lora = grads_on(mesh, cfg_lora, state, batch, jax.random.PRNGKey(1))
     np.testing.assert_allclose(s_lora["weighted"], s_base["weighted"], rtol=1e-6)
@@ -112,8 +107,7 @@ def test_lora_with_zero_b_is_the_base_model_and_base_stays_frozen():
     opt_arrays = [x.shape for x in jax.tree.leaves(state["opt_state"]) if x.ndim]
     lora_arrays = [x.shape for x in jax.tree.leaves(state["lora"])]
     assert sorted(opt_arrays) == sorted(lora_arrays * 2)
-    _, shardings = step_lib.state_shardings(lora_cfg, tx, mesh)
-    step = step_lib.make_train_step(cfg_lora, tx, schedule, mesh, shardings)
+    step = lora_setup.train_step
     lora0 = jax.device_get(state["lora"])
     for t in range(3):
         state, metrics = step(state, shd.shard_batch(batch, mesh), jax.random.PRNGKey(t))
@@ -125,8 +119,7 @@ def test_lora_with_zero_b_is_the_base_model_and_base_stays_frozen():
 def test_vectorised_rto_equals_the_literal_per_position_loop():
     """RTO loss on q + r̂ equals mean_t -log p(refusal | q, r̂<t), one forward per t."""
     cfg = tiny_model()
-    params = jax.device_get(step_lib.nn.meta.unbox(step_lib._init_variables(
-        jax.random.PRNGKey(3), cfg))["params"])
+    params = jax.device_get(init_variables(cfg, jax.random.PRNGKey(3))["params"])
     rng = np.random.default_rng(4)
     q, r_hat = rng.integers(3, 64, 5), rng.integers(3, 64, 7)
     seq = np.concatenate([q, r_hat])
@@ -140,8 +133,8 @@ def test_vectorised_rto_equals_the_literal_per_position_loop():
     model = Decoder(cfg)
     hidden, _ = model.apply({"params": params}, batch["tokens"], batch["positions"],
                             batch["segment_ids"], return_hidden=True)
-    vectorised, aux = loss_lib.derta_loss(hidden, lm_head_weight(params, cfg), batch, rto_keep=1.0,
-                                          rng=jax.random.PRNGKey(0), chunk_size=4)
+    vectorised, aux = loss_lib.derta_loss(hidden, lm_head_weight(params, cfg), batch,
+                                          LossConfig(chunk_size=4), jax.random.PRNGKey(0))
     forward = jax.jit(lambda ctx, seg: model.apply({"params": params}, ctx, batch["positions"],
                                                    seg)[0])
     literal = []
