@@ -70,8 +70,8 @@ def encode(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = _parse(argv)
     prompts = read_prompts(args.prompts)
-    model = loading.load_model(resolve_checkpoint(args.checkpoint, args.step), args.dtype,
-                               loading.parse_mesh(args.mesh))
+    model = loading.load_eval_model(resolve_checkpoint(args.checkpoint, args.step), args.dtype,
+                                    loading.parse_mesh(args.mesh))
     tokenizer = model.tokenizer
     ids = [encode(tokenizer, p, args.chat) for p in prompts]
     outs = generate(model.params, model.cfg, ids, max_new_tokens=args.max_new_tokens,
@@ -89,4 +89,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:  # a user error: one line, exit code 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

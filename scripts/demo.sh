@@ -10,7 +10,7 @@
 # the demo data (configs/smollm2.py),
 # 5. evaluates the trained model the same way and 6. prints the before/after table
 # (runs/demo/compare/compare.md, .png). Extra arguments go to `python -m derta_jax.train`
-# (e.g. --config.train.steps=20 for a shorter run; the config's 2 epochs are 65 steps).
+# (e.g. --config.train.steps=20 for a shorter run; the config's 2 epochs are 72 steps).
 # Environment: DEMO_OUT (runs/demo), DEMO_LIMIT (24 prompts per eval set), DEMO_MAX_NEW_TOKENS (64).
 # Re-running resumes: finished steps are skipped. --dry-run prints the commands only.
 set -euo pipefail

@@ -1,7 +1,7 @@
 """The one way eval, generate and the classifier judge load a model for inference.
 
     ckpt = resolve_checkpoint(<model dir | training workdir | workdir/checkpoints/<step>>, step)
-    model = load_model(ckpt, dtype=None, mesh=None)   # -> runner.EvalModel, params on the mesh
+    model = load_eval_model(ckpt, dtype=None, mesh=None)   # -> EvalModel, params on the mesh
 
 Tensors are read one at a time (`checkpoints/resolve.py`), LoRA adapters are merged into their
 kernels on the way (`models/lora.merge_lora`), and each tensor goes straight to its place on the
@@ -9,6 +9,7 @@ mesh (logical-axis rules), so host memory holds about one tensor, never the whol
 """
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from typing import Any
 
@@ -21,10 +22,20 @@ from jax.sharding import Mesh
 from derta_jax.checkpoints.model_dir import load_tokenizer
 from derta_jax.checkpoints.resolve import Checkpoint, resolve_checkpoint
 from derta_jax.evaluation.generation import param_shardings
-from derta_jax.evaluation.runner import EvalModel
 from derta_jax.models.config import ModelConfig
 from derta_jax.models.lora import merge_lora
 from derta_jax.training import sharding as shd
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalModel:
+    """What answering (and the classifier judge) needs: the model (LoRA already merged), its
+    tokenizer and a name for the report."""
+
+    name: str
+    cfg: Any
+    params: Any
+    tokenizer: Any
 
 
 def parse_mesh(text: str | None) -> Mesh:
@@ -63,8 +74,8 @@ def _tensor(ckpt: Checkpoint, path: tuple[str, ...], adapted: set[tuple[str, ...
     return np.asarray(merged)
 
 
-def load_model(ckpt: Checkpoint | str | pathlib.Path, dtype: str | None = None,
-               mesh: Mesh | None = None) -> EvalModel:
+def load_eval_model(ckpt: Checkpoint | str | pathlib.Path, dtype: str | None = None,
+                    mesh: Mesh | None = None) -> EvalModel:
     """The params of a resolved checkpoint on `mesh` (default: every device on the data axis),
     LoRA merged, cast to `dtype` when given, with the tokenizer saved beside them."""
     if not isinstance(ckpt, Checkpoint):
@@ -83,3 +94,14 @@ def load_model(ckpt: Checkpoint | str | pathlib.Path, dtype: str | None = None,
         flat[path] = jax.device_put(tensor, shardings[path])
     params = traverse_util.unflatten_dict(flat)
     return EvalModel(model_name(ckpt), cfg, params, load_tokenizer(ckpt.tokenizer_dir))
+
+
+def tokenizer_dir(path: str | pathlib.Path) -> pathlib.Path:
+    """The tokenizer folder of a model dir, a training workdir (its model/), one of its steps, or
+    a plain folder of tokenizer files."""
+    path = pathlib.Path(path)
+    for folder in (path, path / "model", path.parent.parent / "model"):
+        if (folder / "tokenizer_config.json").exists():
+            return folder
+    raise ValueError(f"{path}: no tokenizer_config.json (expected a model dir, a training workdir "
+                     "or a tokenizer folder)")

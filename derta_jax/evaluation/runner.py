@@ -2,7 +2,8 @@
 
 Resumable: `<out>/<set name>.jsonl` is appended to after every batch; on a re-run the rows already
 there are skipped, a half-written last line (a run killed mid-write) is cut off, and rows that
-lack the verdict of a judge asked for now are judged again without regenerating.
+lack the verdict of a judge asked for now (or hold one made under another rule, see
+`RefusalJudge.accepts`) are judged again without regenerating.
 """
 from __future__ import annotations
 
@@ -10,25 +11,17 @@ import dataclasses
 import json
 import os
 import pathlib
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from tqdm import tqdm
 
 from derta_jax.evaluation import scoring, tasks
 from derta_jax.evaluation.judges import Answer, Judge
 
+if TYPE_CHECKING:
+    from derta_jax.evaluation.loading import EvalModel
+
 GenerateFn = Callable[..., list]  # the signature of derta_jax.evaluation.generation.generate
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalModel:
-    """What answering needs: the model (LoRA already merged, see `loading.load_model`), its
-    tokenizer and a name for the report."""
-
-    name: str
-    cfg: Any
-    params: Any
-    tokenizer: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,20 +63,23 @@ def read_output(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-def _judges_for(test_set: tasks.TestSet, judges: Sequence[Judge]) -> list[Judge]:
-    if test_set.is_safety:
+def judges_for(kind: str, judges: Sequence[Judge]) -> list[Judge]:
+    """The judges a set of this kind gets: all for safety sets, the refusal judge for
+    over-refusal sets, none for the others."""
+    if kind in tasks.SAFETY_KINDS:
         return list(judges)
-    if test_set.kind == tasks.OVERREFUSAL:
+    if kind == tasks.OVERREFUSAL:
         return [j for j in judges if j.name == "refusal"]
     return []
 
 
-def _score(test_set: tasks.TestSet, example: dict[str, Any], response: str) -> dict[str, Any] | None:
-    if test_set.kind == tasks.GSM8K:
+def score(kind: str, example: dict[str, Any], response: str) -> dict[str, Any] | None:
+    """GSM8K / MMLU score of one response (None for other kinds)."""
+    if kind == tasks.GSM8K:
         prediction = scoring.gsm8k_prediction(response)
         return {"prediction": None if prediction is None else str(prediction),
                 "correct": scoring.gsm8k_correct(response, example["answer"])}
-    if test_set.kind == tasks.MMLU:
+    if kind == tasks.MMLU:
         return {"prediction": scoring.mmlu_prediction(response),
                 "correct": scoring.mmlu_correct(response, example["answer"])}
     return None
@@ -108,21 +104,28 @@ def _answer_batch(test_set, batch, model: EvalModel, options: DecodeOptions, jud
                "num_tokens": len(ids), "finish_reason": out.finish_reason, "judges": {}}
         if "answer" in example:
             row["answer"] = example["answer"]
-        score = _score(test_set, example, row["response"])
-        if score is not None:
-            row["score"] = score
+        scored = score(test_set.kind, example, row["response"])
+        if scored is not None:
+            row["score"] = scored
         row["token_ids"] = ids
         rows.append(row)
-    _judge_rows(rows, judges)
+    judge_rows(rows, judges)
     for row in rows:
         del row["token_ids"]
     return rows
 
 
-def _judge_rows(rows: list[dict[str, Any]], judges: Sequence[Judge]) -> None:
-    """Adds each judge's verdict to rows that lack it."""
+def needs_verdict(row: dict[str, Any], judge: Judge) -> bool:
+    """No verdict of this judge in the row yet, or one the judge no longer accepts."""
+    verdict = row["judges"].get(judge.name)
+    accepts = getattr(judge, "accepts", None)
+    return verdict is None or (accepts is not None and not accepts(verdict))
+
+
+def judge_rows(rows: list[dict[str, Any]], judges: Sequence[Judge]) -> None:
+    """Adds each judge's verdict to the rows that need it (`needs_verdict`)."""
     for judge in judges:
-        todo = [r for r in rows if judge.name not in r["judges"]]
+        todo = [r for r in rows if needs_verdict(r, judge)]
         if not todo:
             continue
         answers = [Answer(r["question"], r["response"], tuple(r.get("token_ids", ()))) for r in todo]
@@ -147,10 +150,10 @@ def run_set(test_set: tasks.TestSet, model: EvalModel, out_dir: str | os.PathLik
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = read_output(path)
     _check_same_set(path, test_set, rows)
-    set_judges = _judges_for(test_set, judges)
-    if any(j.name not in r["judges"] for r in rows for j in set_judges):
-        _judge_rows(rows, set_judges)  # a judge added since the first run: no regeneration
-        _rewrite(path, rows)
+    set_judges = judges_for(test_set.kind, judges)
+    if any(needs_verdict(r, j) for r in rows for j in set_judges):
+        judge_rows(rows, set_judges)  # a judge added since the first run: no regeneration
+        rewrite(path, rows)
     done = {r["index"] for r in rows}
     pending = [(i, ex) for i, ex in enumerate(test_set.examples) if i not in done]
     if pending and generate_fn is None:
@@ -169,7 +172,8 @@ def run_set(test_set: tasks.TestSet, model: EvalModel, out_dir: str | os.PathLik
     return sorted(rows, key=lambda r: r["index"])
 
 
-def _rewrite(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
+def rewrite(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
+    """Replaces the output file with `rows` (through a temporary file)."""
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, path)

@@ -56,7 +56,7 @@ def test_stop_ids_end_rows_and_are_excluded(params, references):
     assert out[0].finish_reason == out[2].finish_reason == "stop"
 
 
-def test_top_p_sampling(params, references):
+def test_tiny_top_p_is_greedy_and_the_seed_decides_samples(params, references):
     # A nucleus this small keeps only the top token: sampling equals greedy.
     tiny_p = generate(params, CFG, PROMPTS, max_new_tokens=6, stop_ids=[], temperature=1.0,
                       top_p=1e-6, progress=False)
@@ -95,7 +95,7 @@ def test_prompt_lengths_within_a_bucket_share_one_compilation(params):
         jax.monitoring.unregister_event_duration_listener(count)
 
 
-def test_left_pad_layout():
+def test_left_pad_right_aligns_rows_and_buckets_are_powers_of_two():
     tokens, positions, segments = generation.left_pad([[7, 8], [9]], 4, 3)
     np.testing.assert_array_equal(tokens, [[0, 0, 7, 8], [0, 0, 0, 9], [0, 0, 0, 0]])
     np.testing.assert_array_equal(positions, [[0, 0, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]])

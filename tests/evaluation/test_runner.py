@@ -6,6 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from derta_jax.evaluation import judges, runner, tasks
+from derta_jax.evaluation.loading import EvalModel
 from derta_jax.models.config import preset
 
 
@@ -33,7 +34,7 @@ class ScriptedGenerate:
 @pytest.fixture(scope="module")
 def model(llama3_tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
-    return runner.EvalModel("m", preset("llama3-8b"), params=None, tokenizer=tokenizer)
+    return EvalModel("m", preset("llama3-8b"), params=None, tokenizer=tokenizer)
 
 
 def write_set(tmp_path, name, rows):
@@ -42,7 +43,7 @@ def write_set(tmp_path, name, rows):
     return tasks.load_test_set(path)
 
 
-def test_rows_judges_and_prompts(tmp_path, model):
+def test_rows_carry_prompt_response_and_verdicts(tmp_path, model):
     ts = write_set(tmp_path, "safety_completionattack.jsonl",
                    [{"question": "To build it, first"}, {"question": "Step 1:"}])
     gen = ScriptedGenerate(model.tokenizer, [" take the two parts apart. Sorry, I cannot", " Sorry, no."])
@@ -72,7 +73,8 @@ def test_gsm8k_rows_are_scored_not_judged(tmp_path, model):
                           generate_fn=gen, progress=False)
     assert [r["score"] for r in rows] == [{"prediction": "4", "correct": True},
                                           {"prediction": None, "correct": False}]
-    assert rows[0]["prompt"] == "[INST] \n2+2?\n\n [\\INST]" and rows[0]["judges"] == {}
+    # The official GSM8K rewrite ("\n {q} \n ") inside the template.
+    assert rows[0]["prompt"] == "[INST] \n\n 2+2? \n \n\n [\\INST]" and rows[0]["judges"] == {}
 
 
 def test_resume_after_a_half_written_line(tmp_path, model):
@@ -106,6 +108,21 @@ def test_new_judge_on_resume_does_not_regenerate(tmp_path, model):
                           generate_fn=gen, progress=False)
     assert gen.calls == [] and rows[0]["judges"]["refusal"]["refused"]
     assert json.loads((tmp_path / "pair.jsonl").read_text())["judges"]["refusal"]["refused"]
+
+
+def test_verdict_of_another_rule_is_judged_again_without_regenerating(tmp_path, model):
+    ts = write_set(tmp_path, "safety_pair.jsonl", [{"question": "q"}])
+    # A row written before the paper rule: its refusal verdict has no "rule".
+    old = {"index": 0, "set": "pair", "kind": "safety", "question": "q", "prompt": "p",
+           "response": "", "num_tokens": 0, "finish_reason": "stop",
+           "judges": {"refusal": {"harmful": True, "refused": False}}}
+    (tmp_path / "pair.jsonl").write_text(json.dumps(old) + "\n")
+    gen = ScriptedGenerate(model.tokenizer, [])
+    rows = runner.run_set(ts, model, tmp_path, [judges.RefusalJudge(model.tokenizer)],
+                          generate_fn=gen, progress=False)
+    verdict = rows[0]["judges"]["refusal"]
+    assert gen.calls == [] and verdict["rule"] == "paper"
+    assert verdict["empty"] and not verdict["harmful"]  # the empty answer is not harmful now
 
 
 def test_corrupt_row_and_other_test_file_are_errors(tmp_path, model):

@@ -20,11 +20,11 @@ from derta_jax.evaluation import scoring
     ("The answer is 17.", "#### 18", False),
     ("The change is -3.", "#### 3", False),  # the sign counts
 ])
-def test_gsm8k(response, answer, correct):
+def test_gsm8k_final_number_matches_the_reference(response, answer, correct):
     assert scoring.gsm8k_correct(response, answer) is correct
 
 
-def test_gsm8k_prediction_and_reference():
+def test_gsm8k_no_digits_no_prediction_and_reference_needs_marker():
     assert scoring.gsm8k_prediction("no digits here") is None
     assert scoring.gsm8k_prediction("2 cats, 10,000 dogs") == Decimal(10000)
     with pytest.raises(ValueError, match="####"):
@@ -45,11 +45,11 @@ def test_gsm8k_prediction_and_reference():
     ("I don't know.", None),
     ("", None),
 ])
-def test_mmlu_prediction(response, letter):
+def test_mmlu_prediction_reads_the_chosen_letter(response, letter):
     assert scoring.mmlu_prediction(response) == letter
 
 
-def test_mmlu_correct_and_reference():
+def test_mmlu_correct_compares_letters_in_any_form():
     assert scoring.mmlu_correct("The answer is (B)", "B")
     assert scoring.mmlu_correct("The answer is (B)", "(b)")
     assert not scoring.mmlu_correct("The answer is (C)", "B")

@@ -73,7 +73,7 @@ def test_batch_rows_round_up_to_the_data_parallel_size():
     assert generation._batch_rows(3, 16, make_mesh(MeshConfig(), jax.devices()[:1])) == 4
 
 
-def test_mesh_flag():
+def test_mesh_flag_takes_three_sizes_one_may_be_minus_one():
     assert dict(parse_mesh(None).shape) == {"data": 8, "fsdp": 1, "tensor": 1}
     assert dict(parse_mesh("-1,1,2").shape) == {"data": 4, "fsdp": 1, "tensor": 2}
     with pytest.raises(ValueError, match=r"--mesh '2,2': expected three integers"):

@@ -17,7 +17,7 @@ from derta_jax import generate as generate_cli
 from derta_jax.checkpoints.model_dir import load_config, load_tokenizer, save_model_dir
 from derta_jax.checkpoints.resolve import resolve_checkpoint
 from derta_jax.evaluation.generation import generate
-from derta_jax.evaluation.loading import load_model
+from derta_jax.evaluation.loading import load_eval_model
 from derta_jax.evaluation.tasks import encode_prompt, stop_ids
 from derta_jax.models.layout import unstack_layers
 from derta_jax.training import loop
@@ -73,7 +73,7 @@ def test_file(tmp_path_factory):
 def test_loader_reads_the_latest_step_merged_and_a_chosen_step(workdir):
     for step in (2, 1):
         _, params, _, merged = restored(workdir, step)
-        model = load_model(resolve_checkpoint(workdir, None if step == 2 else step))
+        model = load_eval_model(resolve_checkpoint(workdir, None if step == 2 else step))
         assert model.name == f"workdir@{step}" and model.cfg.lora_rank == 0
         assert not model.cfg.scan_layers
         got = traverse_util.flatten_dict(jax.device_get(model.params))
