@@ -1,13 +1,13 @@
 """Peak host memory of `python -m derta_jax.convert` on a multi-shard safetensors checkpoint.
 
-    python benchmarks/convert_memory.py [--hidden 1024 --layers 4 --vocab 16000 --shard-mb 50]
+    python -m benchmarks.convert_memory [--hidden 1024 --layers 4 --vocab 16000 --shard-mb 50]
 
 Builds a tiny-architecture but wide random LLaMA with transformers `save_pretrained(max_shard_size)`
 (several shards, a few hundred MB), converts it in a child process and reports the child's peak
 RSS (`ru_maxrss` from `os.wait4`, cross-checked with `getrusage(RUSAGE_CHILDREN)`) against the
 checkpoint size, next to the peak RSS of a child that only imports the converter (the baseline).
 The checkpoint is built in its own child too: Linux carries the parent's RSS high-water mark into
-a forked child's ru_maxrss, so this parent stays small (no torch).
+a forked child's ru_maxrss, so this parent stays small (no torch, no jax).
 Streaming means: peak - baseline stays near one copy of the converted params, never two.
 """
 from __future__ import annotations
@@ -21,12 +21,27 @@ import sys
 import tempfile
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TOKENIZER = ROOT.parent / "shared" / "fixtures" / "llama3-tokenizer"
+from benchmarks import common
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """The random checkpoint's shape: --hidden, --layers, --vocab, --shard-mb."""
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=16000)
+    parser.add_argument("--shard-mb", type=int, default=50)
+
+
+def build_in_child(folder: pathlib.Path, args: argparse.Namespace) -> None:
+    """Writes the random checkpoint of `args`' shape to `folder`, in a child process."""
+    subprocess.run([sys.executable, "-m", "benchmarks.convert_memory", "--build", str(folder),
+                    "--hidden", str(args.hidden), "--layers", str(args.layers),
+                    "--vocab", str(args.vocab), "--shard-mb", str(args.shard_mb)],
+                   check=True, stderr=subprocess.DEVNULL)
 
 
 def build_checkpoint(folder: pathlib.Path, args: argparse.Namespace) -> None:
-    """Writes the random checkpoint (run in a child process: `--build DIR`)."""
+    """Writes the random checkpoint (what the child of `build_in_child` runs: `--build DIR`)."""
     import torch
     import transformers
     torch.manual_seed(0)
@@ -55,10 +70,7 @@ def child_peak_rss_mb(cmd: list[str]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=16000)
-    parser.add_argument("--shard-mb", type=int, default=50)
+    add_checkpoint_args(parser)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--build", type=pathlib.Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -66,15 +78,14 @@ def main() -> None:
         return build_checkpoint(args.build, args)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
-        subprocess.run([sys.executable, __file__, "--build", str(tmp / "hf"),
-                        *sys.argv[1:]], check=True, stderr=subprocess.DEVNULL)
+        build_in_child(tmp / "hf", args)
         size = sum(f.stat().st_size for f in (tmp / "hf").glob("*.safetensors"))
         shards = len(list((tmp / "hf").glob("*.safetensors")))
         print(f"checkpoint: {shards} shards, {size / 2**20:.0f} MB float32")
         base, _ = child_peak_rss_mb([sys.executable, "-c", "import derta_jax.convert"])
         peak, secs = child_peak_rss_mb(
             [sys.executable, "-m", "derta_jax.convert", "--hf", str(tmp / "hf"), "--out",
-             str(tmp / "out"), "--dtype", args.dtype, "--tokenizer", str(TOKENIZER)])
+             str(tmp / "out"), "--dtype", args.dtype, "--tokenizer", str(common.LLAMA3_TOKENIZER)])
         children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"baseline (imports only) peak RSS {base:.0f} MB; convert peak RSS {peak:.0f} MB "
           f"in {secs:.1f} s (RUSAGE_CHILDREN max over all children, builder included: "

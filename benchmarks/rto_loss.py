@@ -8,12 +8,12 @@ losses (equal to float32 precision).
 """
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from derta_jax.models.config import ModelConfig
 from derta_jax.models.decoder import Decoder, init_variables, lm_head_weight
 from derta_jax.training import loss as loss_lib
@@ -26,14 +26,6 @@ def model_config() -> ModelConfig:
     return ModelConfig(vocab_size=49152, hidden_size=256, intermediate_size=768, num_layers=4,
                        num_heads=4, num_kv_heads=2, head_dim=64, tie_word_embeddings=True,
                        rope_theta=10000.0, bos_token_id=1, eos_token_ids=(2,))
-
-
-def timed(fn, *args, repeats: int = 3) -> tuple[float, float]:
-    out = jax.block_until_ready(fn(*args))
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = jax.block_until_ready(fn(*args))
-    return (time.perf_counter() - start) / repeats, float(out)
 
 
 def measure(params, cfg: ModelConfig, r_len: int) -> dict:
@@ -50,8 +42,9 @@ def measure(params, cfg: ModelConfig, r_len: int) -> dict:
     def vectorised(params):
         hidden, _ = model.apply({"params": params}, batch["tokens"], positions,
                                 batch["segment_ids"], return_hidden=True)
-        return loss_lib.derta_loss(hidden, lm_head_weight(params, cfg), batch, rto_keep=1.0,
-                                   rng=jax.random.PRNGKey(0), chunk_size=128)[0]
+        return loss_lib.derta_loss(hidden, lm_head_weight(params, cfg), batch,
+                                   loss_lib.LossConfig(rto_keep=1.0, chunk_size=128),
+                                   jax.random.PRNGKey(0))[0]
 
     @jax.jit
     def one_position(params, end):
@@ -63,10 +56,11 @@ def measure(params, cfg: ModelConfig, r_len: int) -> dict:
     def literal(params):
         return jnp.mean(jnp.stack([one_position(params, QUERY + t) for t in range(r_len)]))
 
-    t_vec, l_vec = timed(vectorised, params)
-    t_lit, l_lit = timed(literal, params, repeats=1)
+    t_vec, l_vec = common.timed(lambda: jax.block_until_ready(vectorised(params)), repeats=3)
+    t_lit, l_lit = common.timed(lambda: jax.block_until_ready(literal(params)))
     return {"r_hat_len": r_len, "vectorised_s": round(t_vec, 4), "literal_loop_s": round(t_lit, 3),
-            "speedup": round(t_lit / t_vec, 1), "loss_vectorised": l_vec, "loss_literal": l_lit}
+            "speedup": round(t_lit / t_vec, 1), "loss_vectorised": float(l_vec),
+            "loss_literal": float(l_lit)}
 
 
 def main() -> None:

@@ -1,13 +1,11 @@
 """A resolved checkpoint -> a Hugging Face folder (transformers, vLLM, TGI) or a PEFT adapter.
 
-The tensor names and shapes come from `hf.hf_tensor_specs` (the load map, read backwards; Mixtral
-experts get the Hub names `block_sparse_moe.experts.E.w1/w2/w3`). Canonical kernels are
-`[*in, *out]` and Hugging Face Linear weights `[out, in]`, so a kernel goes out as
-`kernel.reshape(hf_shape[::-1]).T`; embeddings and norms keep their layout.
+The tensor names, shapes and layouts come from the one name map (`names.py`), read backwards;
+Mixtral experts get the Hub names `block_sparse_moe.experts.E.w1/w2/w3`.
 
 Memory: each tensor is read from the checkpoint (one expert, one layer of a stacked tree),
-converted and appended to its safetensors shard before the next one is read. Shard headers are
-written first from the planned shapes, so a shard never has to be held in memory either.
+converted and appended to its safetensors shard before the next one is read; shard headers are
+written first from the planned shapes (`safetensors_io.py`), so a shard is never held in memory.
 """
 from __future__ import annotations
 
@@ -16,22 +14,19 @@ import json
 import math
 import pathlib
 import re
-import struct
 from collections.abc import Iterator
-from typing import BinaryIO
 
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from derta_jax.checkpoints.hf import Path, TensorSpec, hf_tensor_specs
+from derta_jax.checkpoints import safetensors_io
+from derta_jax.checkpoints.names import ParamPath, TensorSpec, hf_tensor_specs, to_hf_layout
 from derta_jax.checkpoints.model_dir import load_tokenizer
 from derta_jax.checkpoints.resolve import Checkpoint
 from derta_jax.models import lora as lora_lib
 
-DTYPES = {"float32": "F32", "bfloat16": "BF16"}
-INDEX_FILE = "model.safetensors.index.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 EOT_TOKEN = "<|eot_id|>"  # LLaMA-3-Instruct ends a turn with it
@@ -54,7 +49,7 @@ class OutTensor:
 
     name: str
     shape: tuple[int, ...]
-    source: Path  # canonical path
+    source: ParamPath  # canonical path
     index: tuple[int, ...]  # expert index into the canonical tensor, or ()
     kind: str  # "param" | "lora_A" | "lora_B"
 
@@ -70,7 +65,7 @@ def _model_tensors(ckpt: Checkpoint) -> list[OutTensor]:
 
 def _adapter_tensors(ckpt: Checkpoint) -> list[OutTensor]:
     """PEFT names: base_model.model.<module>.lora_A.weight [r, in] and lora_B.weight [out, r]."""
-    by_path: dict[Path, tuple[str, TensorSpec]] = {
+    by_path: dict[ParamPath, tuple[str, TensorSpec]] = {
         spec.outputs[0][0]: (name, spec) for name, spec in hf_tensor_specs(ckpt.cfg).items()
         if spec.expert is None}
     out, r = [], ckpt.cfg.lora_rank
@@ -86,13 +81,6 @@ def _adapter_tensors(ckpt: Checkpoint) -> list[OutTensor]:
     return out
 
 
-def _to_hf(x: np.ndarray, source: Path, shape: tuple[int, ...]) -> np.ndarray:
-    """Canonical layout -> Hugging Face layout (kernels [*in, *out] -> [out, in])."""
-    if source[-1] == "kernel":
-        return x.reshape(shape[::-1]).T
-    return x.reshape(shape)
-
-
 def _make(ckpt: Checkpoint, t: OutTensor, merge: bool) -> np.ndarray:
     """The array of `t` in Hugging Face layout and the stored dtype; a merged kernel is summed
     in float32 (`merge_lora`) and cast back to the stored dtype."""
@@ -104,58 +92,7 @@ def _make(ckpt: Checkpoint, t: OutTensor, merge: bool) -> np.ndarray:
         a, b = ckpt.read_lora(t.source, t.index)
         merged = lora_lib.merge_lora({"k": {"kernel": w}}, {"k": {"lora_a": a, "lora_b": b}}, ckpt.cfg)
         w = np.asarray(merged["k"]["kernel"])
-    return _to_hf(w, t.source, t.shape)
-
-
-def _plan_shards(tensors: list[OutTensor], itemsize: int, max_bytes: int) -> list[list[OutTensor]]:
-    """Greedy, in order; a tensor larger than max_bytes gets a shard of its own."""
-    shards: list[list[OutTensor]] = [[]]
-    size = 0
-    for t in tensors:
-        nbytes = math.prod(t.shape) * itemsize
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += nbytes
-    return shards
-
-
-def _header(tensors: list[OutTensor], dtype: str) -> bytes:
-    """The safetensors header: JSON with each tensor's dtype, shape and byte range, 8-aligned."""
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset, itemsize = 0, jnp.dtype(dtype).itemsize
-    for t in tensors:
-        end = offset + math.prod(t.shape) * itemsize
-        header[t.name] = {"dtype": DTYPES[dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
-        offset = end
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text
-
-
-def _write_safetensors(path: pathlib.Path, tensors: list[OutTensor], arrays: Iterator[np.ndarray],
-                       dtype: str) -> None:
-    """Streams `arrays` (one per tensor, in order) into one safetensors file."""
-    with open(path, "wb") as f:
-        f.write(_header(tensors, dtype))
-        for t, array in zip(tensors, arrays, strict=True):
-            if array.shape != t.shape:
-                raise ValueError(f"tensor {t.name} came out with shape {list(array.shape)}, "
-                                 f"expected {list(t.shape)}")
-            _write_rows(f, array, jnp.dtype(dtype))
-            del array
-
-
-def _write_rows(f: BinaryIO, array: np.ndarray, dtype: np.dtype,
-                block_bytes: int = 16 * 2**20) -> None:
-    """Writes `array` in C order as `dtype`, a block of rows at a time: a transposed view is
-    made contiguous (and cast) block by block, never as a second whole copy."""
-    rows = array.reshape(1, -1) if array.ndim < 2 else array
-    step = max(1, block_bytes // max(1, rows[0].size * dtype.itemsize))
-    for start in range(0, rows.shape[0], step):
-        block = np.ascontiguousarray(rows[start:start + step], dtype=dtype)
-        f.write(block.reshape(-1).view(np.uint8).data)
+    return to_hf_layout(w, t.source, t.shape)
 
 
 def _prepare_out(out: pathlib.Path, overwrite: bool) -> None:
@@ -165,8 +102,8 @@ def _prepare_out(out: pathlib.Path, overwrite: bool) -> None:
         if not overwrite:
             raise ValueError(f"output folder {out} is not empty; pass --overwrite to replace "
                              "its exported files")
-        stale = [*out.glob("model*.safetensors"), out / INDEX_FILE, out / ADAPTER_FILE,
-                 out / ADAPTER_CONFIG]
+        stale = [*out.glob("model*.safetensors"), out / safetensors_io.INDEX_FILE,
+                 out / ADAPTER_FILE, out / ADAPTER_CONFIG]
         for f in stale:
             f.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -210,8 +147,9 @@ def export_hf(ckpt: Checkpoint, out: str | pathlib.Path, dtype: str | None = Non
     base_model: written as the adapter's `base_model_name_or_path`.
     """
     dtype = dtype or ckpt.cfg.param_dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; supported: {', '.join(DTYPES)}")
+    if dtype not in safetensors_io.DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; supported: "
+                         f"{', '.join(safetensors_io.DTYPES)}")
     if lora not in (None, "merge", "peft"):
         raise ValueError(f"lora={lora!r}: expected None, 'merge' or 'peft'")
     if ckpt.has_lora and lora is None:
@@ -232,18 +170,18 @@ def export_hf(ckpt: Checkpoint, out: str | pathlib.Path, dtype: str | None = Non
             bar.update()
 
     if lora == "peft":
-        _write_safetensors(out / ADAPTER_FILE, tensors, arrays(tensors), dtype)
+        safetensors_io.write_safetensors(out / ADAPTER_FILE, tensors, arrays(tensors), dtype)
         (out / ADAPTER_CONFIG).write_text(json.dumps(_adapter_config(ckpt, base_model), indent=2))
     else:
-        shards = _plan_shards(tensors, jnp.dtype(dtype).itemsize, max_shard_bytes)
+        shards = safetensors_io.plan_shards(tensors, jnp.dtype(dtype).itemsize, max_shard_bytes)
         weight_map = {}
         for i, group in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _write_safetensors(out / name, group, arrays(group), dtype)
+            safetensors_io.write_safetensors(out / name, group, arrays(group), dtype)
             weight_map.update({t.name: name for t in group})
         total = sum(math.prod(t.shape) for t in tensors) * jnp.dtype(dtype).itemsize
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        (out / safetensors_io.INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         _write_configs(ckpt, out, dtype, tokenizer)
     bar.close()
     tokenizer.save_pretrained(str(out))

@@ -4,7 +4,7 @@ Only the `llama` architecture is read (SmolLM2, LLaMA, and Mistral files, which 
 stores as `llama`). Quantised tensors are dequantised with `gguf.quants.dequantize` one at a time
 (numpy only); the reader memory-maps the file. llama.cpp permutes the rows of attn_q/attn_k for
 its rotary layout; we undo it exactly as transformers' GGUF loader does, then go through the same
-Hugging Face name map as safetensors (`hf.hf_tensor_specs`).
+Hugging Face name map as safetensors (`names.hf_tensor_specs`).
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from gguf.quants import dequantize
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from derta_jax.checkpoints.hf import Params, TensorSpec, TreeBuilder, check_tensors, hf_tensor_specs
+from derta_jax.checkpoints.hf import TreeBuilder, check_tensors
+from derta_jax.checkpoints.names import Params, TensorSpec, hf_tensor_specs
 from derta_jax.models.config import ModelConfig
 
 # Hugging Face name (regex) -> GGUF name, llama architecture.

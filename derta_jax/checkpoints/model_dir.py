@@ -48,9 +48,9 @@ def _params_checkpointer() -> ocp.Checkpointer:
 
     Orbax's default numpy handler deep-copies every array before writing, its jax.Array handler
     keeps a host copy of each array alive until the save ends, and zstd compression buffers the
-    compressed chunks: each of these measured about one extra copy of the tree (2.1-2.6x the
-    checkpoint in all). Numpy leaves written in place, uncompressed and without OCDBT add a few MB
-    (benchmarks/convert_memory.py). Leaves that are already jax arrays use Orbax's array handler.
+    compressed chunks: each of these costs about one extra copy of the tree. Numpy leaves are
+    written in place, uncompressed and without OCDBT (measured: benchmarks/README.md, "Conversion
+    and export memory"). Leaves that are already jax arrays use Orbax's array handler.
     `load_model_dir` restores either kind into jax arrays.
     """
     registry = ocp.type_handlers.create_type_handler_registry(

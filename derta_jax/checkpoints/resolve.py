@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
-from derta_jax.checkpoints.hf import Path, canonical_shapes
+from derta_jax.checkpoints.names import ParamPath, canonical_shapes, set_leaf
 from derta_jax.checkpoints.model_dir import CONFIG_FILE, PARAMS_DIR, load_config
 from derta_jax.models.config import ModelConfig
 
@@ -34,7 +34,7 @@ STATE_ITEM = "state"
 class StoredTensor:
     """Where a canonical tensor lives: an Orbax leaf and the index into its leading axes."""
 
-    leaf: Path
+    leaf: ParamPath
     index: tuple[int, ...]
     shape: tuple[int, ...]
     dtype: np.dtype
@@ -54,8 +54,8 @@ class Checkpoint:
     item_dir: pathlib.Path
     kind: str
     step: int | None
-    params: dict[Path, StoredTensor]
-    lora: dict[Path, StoredTensor]
+    params: dict[ParamPath, StoredTensor]
+    lora: dict[ParamPath, StoredTensor]
     use_ocdbt: bool
     use_zarr3: bool
 
@@ -63,30 +63,30 @@ class Checkpoint:
     def has_lora(self) -> bool:
         return bool(self.lora)
 
-    def read_param(self, path: Path, index: tuple[int, ...] = ()) -> np.ndarray:
+    def read_param(self, path: ParamPath, index: tuple[int, ...] = ()) -> np.ndarray:
         """The canonical tensor at `path` (or its slice at `index`, e.g. one expert), as stored."""
         if path not in self.params:
             raise ValueError(f"no parameter {'/'.join(path)} in {self.item_dir}")
         return self._read(self.params[path], index)
 
-    def read_lora(self, kernel: Path, index: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+    def read_lora(self, kernel: ParamPath, index: tuple[int, ...] = ()
+                  ) -> tuple[np.ndarray, np.ndarray]:
         """(lora_a, lora_b) of the projection whose kernel is at `kernel` (sliced at `index`)."""
         a, b = kernel[:-1] + ("lora_a",), kernel[:-1] + ("lora_b",)
         if a not in self.lora or b not in self.lora:
             raise ValueError(f"no LoRA adapter for {'/'.join(kernel[:-1])} in {self.item_dir}")
         return self._read(self.lora[a], index), self._read(self.lora[b], index)
 
-    def lora_kernels(self) -> list[Path]:
+    def lora_kernels(self) -> list[ParamPath]:
         """Canonical kernel paths that carry a LoRA adapter."""
         return [p[:-1] + ("kernel",) for p in self.lora if p[-1] == "lora_a"]
 
     def params_tree(self) -> dict[str, Any]:
         """The whole canonical tree as nested dicts of numpy arrays (reads every tensor)."""
-        return _nest({p: self.read_param(p) for p in self.params})
-
-    def lora_tree(self) -> dict[str, Any]:
-        """The `lora` collection in the canonical (unstacked) layout."""
-        return _nest({p: self._read(s) for p, s in self.lora.items()})
+        tree: dict[str, Any] = {}
+        for path in self.params:
+            set_leaf(tree, path, self.read_param(path))
+        return tree
 
     def _read(self, stored: StoredTensor, index: tuple[int, ...] = ()) -> np.ndarray:
         store = _open(self.item_dir, ".".join(stored.leaf), self.use_ocdbt, self.use_zarr3)
@@ -107,16 +107,6 @@ def _open(item_dir: pathlib.Path, name: str, use_ocdbt: bool, use_zarr3: bool) -
 def _context(use_ocdbt: bool) -> ts.Context:
     """One TensorStore context per format, shared by every opened array (one cache pool)."""
     return ocp.type_handlers.get_ts_context(use_ocdbt=use_ocdbt)
-
-
-def _nest(flat: dict[Path, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
 
 
 def available_steps(workdir: str | pathlib.Path) -> list[int]:
@@ -176,7 +166,7 @@ def _resolve_workdir(workdir: pathlib.Path, step: int | None) -> Checkpoint:
     return _resolve(cfg, workdir / WORKDIR_MODEL, item, "workdir", step, ("params",), ("lora",))
 
 
-def _stored_leaves(item_dir: pathlib.Path) -> tuple[dict[Path, Any], bool, bool]:
+def _stored_leaves(item_dir: pathlib.Path) -> tuple[dict[ParamPath, Any], bool, bool]:
     """(leaf path -> Orbax ArrayMetadata, use_ocdbt, use_zarr3) of an Orbax PyTree item."""
     try:
         tree = ocp.PyTreeCheckpointer().metadata(item_dir).item_metadata.tree
@@ -184,9 +174,9 @@ def _stored_leaves(item_dir: pathlib.Path) -> tuple[dict[Path, Any], bool, bool]
     except Exception as e:  # Orbax raises many types; name the folder in every case
         raise ValueError(f"{item_dir} is not a readable Orbax checkpoint: "
                          f"{type(e).__name__}: {e}") from e
-    leaves: dict[Path, Any] = {}
+    leaves: dict[ParamPath, Any] = {}
 
-    def walk(node: Any, prefix: Path) -> None:
+    def walk(node: Any, prefix: ParamPath) -> None:
         if isinstance(node, dict):
             for k, v in node.items():
                 walk(v, prefix + (str(k),))
@@ -197,7 +187,8 @@ def _stored_leaves(item_dir: pathlib.Path) -> tuple[dict[Path, Any], bool, bool]
     return leaves, bool(flags.get("use_ocdbt", False)), bool(flags.get("use_zarr3", False))
 
 
-def _locate(canonical: Path, prefix: Path, leaves: dict[Path, Any]) -> StoredTensor | None:
+def _locate(canonical: ParamPath, prefix: ParamPath, leaves: dict[ParamPath, Any]
+            ) -> StoredTensor | None:
     """The stored leaf of a canonical path, looking through a `scan_layers` stack."""
     if prefix + canonical in leaves:
         meta = leaves[prefix + canonical]
@@ -211,8 +202,8 @@ def _locate(canonical: Path, prefix: Path, leaves: dict[Path, Any]) -> StoredTen
     return None
 
 
-def _locate_all(paths: list[Path], prefix: Path, leaves: dict[Path, Any],
-                item_dir: pathlib.Path, cfg: ModelConfig) -> dict[Path, StoredTensor]:
+def _locate_all(paths: list[ParamPath], prefix: ParamPath, leaves: dict[ParamPath, Any],
+                item_dir: pathlib.Path, cfg: ModelConfig) -> dict[ParamPath, StoredTensor]:
     found = {}
     for path in paths:
         stored = _locate(path, prefix, leaves)
@@ -225,7 +216,7 @@ def _locate_all(paths: list[Path], prefix: Path, leaves: dict[Path, Any],
 
 
 def _resolve(cfg: ModelConfig, tokenizer_dir: pathlib.Path, item_dir: pathlib.Path, kind: str,
-             step: int | None, prefix: Path, lora_prefix: Path | None) -> Checkpoint:
+             step: int | None, prefix: ParamPath, lora_prefix: ParamPath | None) -> Checkpoint:
     leaves, use_ocdbt, use_zarr3 = _stored_leaves(item_dir)
     shapes = canonical_shapes(cfg)
     params = _locate_all(list(shapes), prefix, leaves, item_dir, cfg)

@@ -32,7 +32,7 @@ def test_missing_tokenizer_is_an_error(hf_checkpoint, tmp_path):
         convert.main(["--hf", str(folder), "--out", str(tmp_path / "m")])
 
 
-def test_cli_subprocess(hf_checkpoint, llama3_tokenizer_dir, tmp_path):
+def test_cli_converts_with_a_progress_bar_and_refuses_pickle(hf_checkpoint, llama3_tokenizer_dir, tmp_path):
     folder, model = hf_checkpoint("llama")
     shutil.copytree(folder, tmp_path / "hf")
     for f in llama3_tokenizer_dir.glob("tokenizer*.json"):

@@ -73,7 +73,7 @@ def test_unsupported_model_type_named(hf_checkpoint, tmp_path):
         load_hf(tmp_path / "bad", progress=False)
 
 
-def test_index_naming_missing_shard(hf_checkpoint, tmp_path):
+def test_missing_shard_of_the_index_is_named(hf_checkpoint, tmp_path):
     _, model = hf_checkpoint("llama")
     model.save_pretrained(tmp_path, max_shard_size="20KB")
     shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
@@ -82,7 +82,7 @@ def test_index_naming_missing_shard(hf_checkpoint, tmp_path):
         load_hf(tmp_path, progress=False)
 
 
-def test_missing_config_json(tmp_path):
+def test_folder_without_config_json_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no config.json"):
         load_hf(tmp_path, progress=False)
 

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from derta_jax.checkpoints.gguf import load_gguf, unpermute_rope_rows
-from derta_jax.checkpoints.hf import hf_tensor_specs
+from derta_jax.checkpoints.names import hf_tensor_specs
 from derta_jax.models.config import preset
 
 
@@ -31,7 +31,7 @@ def both(smollm2_gguf):
 
 
 @pytest.mark.slow
-def test_tensors_equal_transformers(both):
+def test_tensors_equal_transformers_gguf_loader(both):
     (cfg, params, _), hf = both
     state = hf.state_dict()
     specs = hf_tensor_specs(cfg)
@@ -48,7 +48,7 @@ def test_tensors_equal_transformers(both):
 
 
 @pytest.mark.slow
-def test_config_from_metadata(both):
+def test_config_and_tokenizer_from_metadata_match_transformers(both):
     (cfg, _, tokenizer), hf = both
     c = hf.config
     assert cfg == preset("smollm2-135m", rms_norm_eps=cfg.rms_norm_eps)

@@ -115,7 +115,7 @@ def test_mixtral_fused_expert_names_load_too(hf_checkpoint, tmp_path):
     assert_trees_equal(params, reference_tree(model))
 
 
-def test_both_config_json_shapes(hf_checkpoint, tmp_path):
+def test_hub_and_transformers5_config_json_load_the_same(hf_checkpoint, tmp_path):
     folder, _ = hf_checkpoint("llama")
     written = json.loads((folder / "config.json").read_text())
     assert "rope_parameters" in written and "rope_scaling" not in written  # transformers 5 shape

@@ -18,7 +18,7 @@ def saved(hf_checkpoint, llama3_tokenizer_dir, tmp_path_factory):
     return out, cfg, params
 
 
-def test_round_trip(saved):
+def test_restore_gives_the_saved_config_params_and_tokenizer(saved):
     out, cfg, params = saved
     cfg2, params2 = load_model_dir(out)
     assert cfg2 == cfg

@@ -37,7 +37,7 @@ def test_a_step_only_applies_to_a_workdir(model_dir):
         resolve_checkpoint(model_dir("llama"), step=3)
 
 
-def test_checkpoints_that_are_not_ours(hf_checkpoint, model_dir, tmp_path):
+def test_paths_that_are_not_our_checkpoints_say_what_they_are(hf_checkpoint, model_dir, tmp_path):
     hf_folder, _ = hf_checkpoint("llama")
     with pytest.raises(ValueError, match=r"is a Hugging Face checkpoint; convert it first"):
         resolve_checkpoint(hf_folder)
@@ -61,7 +61,7 @@ def test_checkpoints_that_are_not_ours(hf_checkpoint, model_dir, tmp_path):
         resolve_checkpoint(broken)
 
 
-def test_shape_disagreeing_with_the_config(model_dir, tmp_path):
+def test_shape_disagreeing_with_the_config_is_named(model_dir, tmp_path):
     md = tmp_path / "md"
     shutil.copytree(model_dir("llama"), md)
     config = json.loads((md / "model_config.json").read_text())
@@ -72,7 +72,7 @@ def test_shape_disagreeing_with_the_config(model_dir, tmp_path):
         resolve_checkpoint(md)
 
 
-def test_unsupported_dtype_and_lora_flags(model_dir, tmp_path):
+def test_unsupported_dtype_lora_flag_and_shard_size_are_refused(model_dir, tmp_path):
     md = str(model_dir("llama"))
     with pytest.raises(ValueError, match=r"unsupported dtype 'float16'; supported: float32, bfloat16"):
         export.main(["--checkpoint", md, "--out", str(tmp_path / "a"), "--dtype", "float16"])

@@ -25,7 +25,7 @@ def head_dim(config: transformers.PretrainedConfig) -> int:
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama_tied", "mistral", "mixtral"])
-def test_round_trip_is_bit_identical(kind, hf_checkpoint, model_dir, tmp_path):
+def test_export_of_a_converted_checkpoint_is_bit_identical(kind, hf_checkpoint, model_dir, tmp_path):
     folder, model = hf_checkpoint(kind)
     out = export.main(["--checkpoint", str(model_dir(kind)), "--out", str(tmp_path / "hf"),
                        "--max-shard-size", "20KB"])
@@ -51,7 +51,7 @@ def test_round_trip_is_bit_identical(kind, hf_checkpoint, model_dir, tmp_path):
         assert torch.equal(loaded(tokens).logits, model(tokens).logits)
 
 
-def test_tokenizer_and_generation_config(model_dir, llama3_tokenizer_dir, tmp_path):
+def test_export_writes_the_tokenizer_and_every_eos_id(model_dir, llama3_tokenizer_dir, tmp_path):
     out = export.main(["--checkpoint", str(model_dir("llama")), "--out", str(tmp_path / "hf")])
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     reference = transformers.AutoTokenizer.from_pretrained(llama3_tokenizer_dir)

@@ -10,7 +10,7 @@ from derta_jax import convert, export
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_round_trip(smollm2_gguf, tmp_path):
+def test_smollm2_export_equals_transformers_gguf_tensors_and_logits(smollm2_gguf, tmp_path):
     model_dir = convert.main(["--gguf", str(smollm2_gguf), "--out", str(tmp_path / "model")])
     out = export.main(["--checkpoint", str(model_dir), "--out", str(tmp_path / "hf"),
                        "--max-shard-size", "200MB"])

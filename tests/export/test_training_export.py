@@ -2,7 +2,6 @@
 over 8 devices), exported merged and as a PEFT adapter, against our own forward and generation.
 
 Our side is restored with Orbax's standard restore (not the exporter's per-tensor reader)."""
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import peft
@@ -16,6 +15,7 @@ from derta_jax.models.decoder import Decoder
 from derta_jax.models.layout import unstack_layers
 from derta_jax.checkpoints.model_dir import load_config
 from derta_jax.training import loop
+from tests.export.helpers import hf_greedy
 from tests.training.run_helpers import tiny_config
 
 ARCH = dict(vocab_size=128256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -61,13 +61,6 @@ def our_logits(cfg, params, lora, tokens):
 def hf_logits(model, tokens):
     with torch.no_grad():
         return model(torch.tensor(tokens)).logits.numpy()
-
-
-def hf_greedy(model, prompt, n):
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 def test_merged_export_matches_unmerged_forward_and_generation(run, tmp_path):

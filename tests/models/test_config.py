@@ -34,19 +34,19 @@ def _arch(cfg):
     return {k: getattr(cfg, k) for k in ARCH_FIELDS}
 
 
-def test_hub_shape_llama31():
+def test_hub_config_json_of_llama31_reads_its_rope_scaling():
     cfg = ModelConfig.from_hf(LLAMA31_8B_HUB)
     assert cfg.rope_scaling == RopeScaling(8.0, 1.0, 4.0, 8192)
     assert _arch(cfg) == _arch(preset("llama3.1-8b"))
 
 
-def test_hub_shape_mistral_window():
+def test_hub_config_json_of_mistral_reads_its_window():
     cfg = ModelConfig.from_hf(MISTRAL_7B_V01_HUB)
     assert cfg.sliding_window == 4096 and cfg.head_dim == 128
     assert _arch(cfg) == _arch(preset("mistral-7b"))
 
 
-def test_transformers5_shape(tmp_path):
+def test_transformers5_rope_parameters_read_like_the_hub_shape(tmp_path):
     """save_pretrained of transformers 5 writes `rope_parameters`; we read the same values."""
     hf = transformers.LlamaConfig(**{k: v for k, v in LLAMA31_8B_HUB.items()
                                      if k not in ("architectures", "model_type")})
@@ -57,7 +57,7 @@ def test_transformers5_shape(tmp_path):
     assert _arch(cfg) == _arch(ModelConfig.from_hf(LLAMA31_8B_HUB))
 
 
-def test_to_hf_round_trip():
+def test_to_hf_and_to_json_read_back_equal():
     for name in ("llama3.1-8b", "mistral-7b", "mixtral-8x7b", "smollm2-135m"):
         cfg = preset(name)
         assert ModelConfig.from_hf(cfg.to_hf()) == cfg, name
@@ -75,7 +75,7 @@ def test_unknown_rope_type_is_named():
         ModelConfig.from_hf(bad)
 
 
-def test_bad_runtime_values():
+def test_bad_dtype_and_unknown_preset_are_named():
     with pytest.raises(ValueError, match="dtype='float16'"):
         preset("smollm2-135m", dtype="float16")
     with pytest.raises(ValueError, match="unknown model preset 'llama9'"):

@@ -59,7 +59,7 @@ def test_cached_decoding_equals_full_forward(cfg):
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=2e-5, rtol=1e-5)
 
 
-def test_causality(dense):
+def test_a_token_changes_only_the_logits_from_its_position_on(dense):
     tokens = _tokens(batch=1)
     changed = tokens.copy()
     changed[0, 7] = (changed[0, 7] + 1) % TINY.vocab_size
@@ -123,7 +123,7 @@ def test_scan_and_remat_give_the_plain_logits_and_grads(runtime):
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-4), got_grad, want_grad)
 
 
-def test_stack_unstack_round_trip(dense):
+def test_unstack_layers_inverts_stack_layers(dense):
     stacked = stack_layers(dense["params"])
     assert stacked["layers"]["attn"]["q_proj"]["kernel"].shape == (2, 32, 4, 8)
     back = unstack_layers(stacked)
@@ -186,7 +186,7 @@ def test_bfloat16_compute_stays_close_to_float32(dense):
     assert 0 < rel < 5e-2
 
 
-def test_attention_implementation_choice():
+def test_attention_impl_is_the_one_asked_for_or_cudnn_for_bf16_on_gpu():
     from derta_jax.models.attention import implementation
 
     assert implementation(TINY.replace(attention_impl="xla")) == "xla"

@@ -1,4 +1,5 @@
-"""Our DeRTa loss, gradients and AdamW step against the official recipe reimplemented in PyTorch.
+"""Our DeRTa loss, gradients and AdamW step against the official recipe reimplemented in PyTorch
+(official_recipe_torch.py).
 
 The same tiny random LlamaForCausalLM (saved by transformers, read with our load_hf), the same
 official-format demo records (helpful, RTO and harmful-prefix), the LLaMA-3 tokenizer and RTO keep
@@ -7,20 +8,22 @@ must equal transformers' shifted-label loss with the official label rewriting.
 """
 import functools
 
-import grain
 import jax
 import numpy as np
 import pytest
 import torch
 import transformers
 
-from benchmarks import official_recipe as official
-from derta_jax.checkpoints.hf import TreeBuilder, hf_tensor_specs, load_hf
+from derta_jax.checkpoints.hf import TreeBuilder, load_hf
+from derta_jax.checkpoints.names import hf_tensor_specs
 from derta_jax.data import packing, pipeline
 from derta_jax.data.recipe import DertaRecord
 from derta_jax.data.refusal import refusal_token_id
 from derta_jax.data.tokenize import build_examples, materialize
-from derta_jax.training import optimizer as opt_lib, sharding as shd, step as step_lib
+from derta_jax.models.decoder import Decoder, lm_head_weight
+from derta_jax.training import sharding as shd, step as step_lib
+from derta_jax.training.loss import derta_loss
+from tests.reference import official_recipe_torch as official
 
 MAX_LEN = 64
 LR, WEIGHT_DECAY, CLIP = 1e-3, 0.5, 1.0  # decay large enough to see a wrong decay mask
@@ -51,6 +54,18 @@ def setup(llama3_tokenizer_dir, tmp_path_factory):
                 ours=[materialize(e, MAX_LEN) for e in ours], theirs=theirs)
 
 
+def our_loss(cfg, params, batch) -> float:
+    """Our DeRTa loss (RTO keep 1.0, token normalisation) of one batch of the data contract."""
+    @jax.jit
+    def loss_fn(params, batch):
+        hidden, _ = Decoder(cfg).apply({"params": params}, batch["tokens"], batch["positions"],
+                                       batch["segment_ids"], return_hidden=True)
+        return derta_loss(hidden, lm_head_weight(params, cfg), batch,
+                          step_lib.LossConfig(rto_keep=1.0), jax.random.PRNGKey(0))[0]
+
+    return float(loss_fn(params, batch))
+
+
 def reference_loss(s) -> float:
     with torch.no_grad():
         return float(official.pooled_loss(s["model"], official.collate(s["theirs"], 0), s["refusal"]))
@@ -61,9 +76,9 @@ def padded_batch(s):
 
 
 def packed_batch(s):
-    """Every example packed into 2 rows of 256 (first-fit), all in the first batch."""
-    rows = grain.MapDataset.source(s["ours"]).to_iter_dataset()
-    batch = next(iter(packing.pack(rows, seq_len=256, batch_size=2)))
+    """Every example packed into 2 rows of 256 (first-fit decreasing), all in one batch."""
+    bins = packing.first_fit_decreasing([len(a["tokens"]) for a in s["ours"]], 256)
+    batch = packing.fill_rows(s["ours"], bins, rows=2, length=256)
     assert (batch["segment_ids"].max(axis=1) > 1).all()  # really packed
     assert batch["loss_mask"].sum() == sum(a["loss_mask"].sum() for a in s["ours"])
     return batch
@@ -81,7 +96,7 @@ def test_tokenisation_matches_the_official_rule(setup):
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_loss_equals_the_official_pooled_loss(setup, layout):
     batch = padded_batch(setup) if layout == "padded" else packed_batch(setup)
-    ours = official.our_loss(setup["cfg"], setup["params"], batch)
+    ours = our_loss(setup["cfg"], setup["params"], batch)
     assert ours == pytest.approx(reference_loss(setup), rel=1e-5)
 
 
@@ -91,7 +106,7 @@ def test_rto_targets_shifted_by_one_are_caught(setup):
     for key in ("loss_mask", "rto_mask"):  # the bug: RTO supervision one position late
         batch[key][rto_rows] = np.roll(batch[key][rto_rows], 1, axis=1)
     batch["targets"][batch["rto_mask"]] = setup["refusal"]
-    ours = official.our_loss(setup["cfg"], setup["params"], batch)
+    ours = our_loss(setup["cfg"], setup["params"], batch)
     assert abs(ours - reference_loss(setup)) > 100 * 1e-5 * reference_loss(setup)
 
 
@@ -106,22 +121,21 @@ def to_canonical(named: dict[str, np.ndarray], cfg) -> dict:
 def test_gradients_and_one_adamw_step_equal_the_official_step(setup):
     cfg, model = setup["cfg"], setup["model"]
     batch = packed_batch(setup)
-    tx, schedule = opt_lib.make_optimizer(opt_lib.OptimizerConfig(
-        learning_rate=LR, schedule="constant", warmup_ratio=0.0, weight_decay=WEIGHT_DECAY,
-        grad_clip=CLIP), total_steps=10)
     mesh = shd.make_mesh(shd.MeshConfig(data=1), jax.devices()[:1])
-    step_cfg = step_lib.StepConfig(cfg, step_lib.LossConfig(rto_keep=1.0, chunk_size=32))
-    state = step_lib.init_state(jax.random.PRNGKey(0), cfg, tx, mesh, setup["params"])
+    step_cfg = step_lib.StepConfig(
+        cfg, step_lib.LossConfig(rto_keep=1.0, chunk_size=32), step_lib.OptimizerConfig(
+            learning_rate=LR, schedule="constant", warmup_ratio=0.0, weight_decay=WEIGHT_DECAY,
+            grad_clip=CLIP))
+    step_setup = step_lib.build(step_cfg, mesh, total_steps=10)
+    state = step_setup.init(jax.random.PRNGKey(0), setup["params"])
     with mesh:
         grads, _ = jax.jit(functools.partial(step_lib.compute_grads, cfg=step_cfg))(
             state, shd.shard_batch(batch, mesh), jax.random.PRNGKey(1))
-    _, shardings = step_lib.state_shardings(cfg, tx, mesh)
-    state, metrics = step_lib.make_train_step(step_cfg, tx, schedule, mesh, shardings)(
-        state, shd.shard_batch(batch, mesh), jax.random.PRNGKey(1))
+    state, metrics = step_setup.train_step(state, shd.shard_batch(batch, mesh), jax.random.PRNGKey(1))
 
     torch_model = transformers.LlamaForCausalLM(model.config)
     torch_model.load_state_dict(model.state_dict())
-    opt = official.trainer_optimizer(torch_model, LR, WEIGHT_DECAY)
+    opt = official.official_optimizer(torch_model, LR, WEIGHT_DECAY)
     collated = official.collate(setup["theirs"], 0)
     official.pooled_loss(torch_model, collated, setup["refusal"]).backward()
     torch_grads = to_canonical({n: p.grad.numpy() for n, p in torch_model.named_parameters()}, cfg)
@@ -136,7 +150,7 @@ def test_gradients_and_one_adamw_step_equal_the_official_step(setup):
     # (observed <= 0.3%) plus what the float32 gradient differences above imply where |g| is
     # near eps (there the update is ill-conditioned: a 1e-8 gradient difference can move it by
     # a few % of lr). Decay moves both sides by lr * wd * |p|.
-    eps = opt_lib.OptimizerConfig().eps
+    eps = step_lib.OptimizerConfig().eps
     norm = lambda tree: np.sqrt(sum(float((g ** 2).sum()) for g in jax.tree.leaves(tree)))  # noqa: E731
     clip_ours, clip_theirs = (min(1.0, CLIP / norm(t)) for t in (jax.device_get(grads), torch_grads))
 

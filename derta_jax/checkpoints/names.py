@@ -1,0 +1,180 @@
+"""The Hugging Face name map: every HF tensor <-> its place in our canonical parameter tree.
+
+One map serves safetensors loading (`hf.py`), GGUF loading (`gguf.py`, which renames HF names to
+llama.cpp's) and export (`export_hf.py`, the map read backwards). Per layer `i`:
+
+    Hugging Face name (shape on disk)                      canonical path (docs/architecture.md)
+    model.embed_tokens.weight         [V, D]               embed_tokens/embedding        [V, D]
+    model.layers.i.input_layernorm.weight          [D]     layers_i/input_norm/scale     [D]
+    model.layers.i.self_attn.q_proj.weight  [H*Dh, D]      layers_i/attn/q_proj/kernel   [D, H, Dh]
+    model.layers.i.self_attn.k_proj.weight  [K*Dh, D]      layers_i/attn/k_proj/kernel   [D, K, Dh]
+    model.layers.i.self_attn.v_proj.weight  [K*Dh, D]      layers_i/attn/v_proj/kernel   [D, K, Dh]
+    model.layers.i.self_attn.o_proj.weight  [D, H*Dh]      layers_i/attn/o_proj/kernel   [H, Dh, D]
+    model.layers.i.post_attention_layernorm.weight [D]     layers_i/post_attn_norm/scale [D]
+    model.layers.i.mlp.{gate,up}_proj.weight  [F, D]       layers_i/mlp/{gate,up}_proj/kernel [D, F]
+    model.layers.i.mlp.down_proj.weight       [D, F]       layers_i/mlp/down_proj/kernel [F, D]
+    model.layers.i.block_sparse_moe.gate.weight [E, D]     layers_i/moe/router/kernel    [D, E]
+    model.layers.i.block_sparse_moe.experts.e.w1/w3 [F, D] layers_i/moe/{gate,up}_proj/kernel[e]
+    model.layers.i.block_sparse_moe.experts.e.w2    [D, F] layers_i/moe/down_proj/kernel[e]
+    model.norm.weight                 [D]                  final_norm/scale              [D]
+    lm_head.weight                    [V, D]               lm_head/kernel [D, V] (absent when tied)
+
+HF -> ours: a Linear weight `[out, in]` is transposed to an `[in, out]` kernel with the head axes
+split out; embeddings and norms keep their layout. Mixtral experts also come fused, as in
+transformers 5 memory (`mlp.gate.weight`, `mlp.experts.gate_up_proj [E, 2F, D]`,
+`mlp.experts.down_proj [E, D, F]`): `hf_tensor_specs(cfg, fused_experts=True)`.
+Ours -> HF (`to_hf_layout`): a kernel `[*in, *out]` goes out as `kernel.reshape(hf_shape[::-1]).T`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from derta_jax.models.config import ModelConfig
+
+ParamPath = tuple[str, ...]  # ("layers_0", "attn", "q_proj", "kernel")
+Params = dict  # the canonical tree: nested dicts of arrays
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """Where one Hugging Face tensor goes: its shape on disk and its canonical destinations.
+
+    Each output is `(path, fn)`: `fn` turns the Hugging Face array into the canonical array (or,
+    with `expert` set, into the slice at that index of the stacked expert axis).
+    """
+
+    shape: tuple[int, ...]
+    outputs: tuple[tuple[ParamPath, Callable[[np.ndarray], np.ndarray]], ...]
+    expert: int | None = None
+
+
+def canonical_shapes(cfg: ModelConfig) -> dict[ParamPath, tuple[int, ...]]:
+    """Shape of every leaf of the canonical tree (`scan_layers=False`) for `cfg`."""
+    D, H, K, Dh, F, V, E = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                            cfg.intermediate_size, cfg.vocab_size, cfg.num_experts)
+    shapes: dict[ParamPath, tuple[int, ...]] = {("embed_tokens", "embedding"): (V, D)}
+    for i in range(cfg.num_layers):
+        l = f"layers_{i}"
+        shapes.update({
+            (l, "input_norm", "scale"): (D,),
+            (l, "attn", "q_proj", "kernel"): (D, H, Dh),
+            (l, "attn", "k_proj", "kernel"): (D, K, Dh),
+            (l, "attn", "v_proj", "kernel"): (D, K, Dh),
+            (l, "attn", "o_proj", "kernel"): (H, Dh, D),
+            (l, "post_attn_norm", "scale"): (D,),
+        })
+        if cfg.is_moe:
+            shapes.update({
+                (l, "moe", "router", "kernel"): (D, E),
+                (l, "moe", "gate_proj", "kernel"): (E, D, F),
+                (l, "moe", "up_proj", "kernel"): (E, D, F),
+                (l, "moe", "down_proj", "kernel"): (E, F, D),
+            })
+        else:
+            shapes.update({
+                (l, "mlp", "gate_proj", "kernel"): (D, F),
+                (l, "mlp", "up_proj", "kernel"): (D, F),
+                (l, "mlp", "down_proj", "kernel"): (F, D),
+            })
+    shapes[("final_norm", "scale")] = (D,)
+    if not cfg.tie_word_embeddings:
+        shapes[("lm_head", "kernel")] = (D, V)
+    return shapes
+
+
+def _same(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def _t(x: np.ndarray) -> np.ndarray:
+    return x.T
+
+
+def _t_split_out(*dims: int) -> Callable[[np.ndarray], np.ndarray]:
+    """[out, in] -> [in, *dims] (q/k/v: out = heads * head_dim)."""
+    return lambda x: x.T.reshape(x.shape[1], *dims)
+
+
+def _t_split_in(*dims: int) -> Callable[[np.ndarray], np.ndarray]:
+    """[out, in] -> [*dims, out] (o_proj: in = heads * head_dim)."""
+    return lambda x: x.T.reshape(*dims, x.shape[0])
+
+
+def _experts_t(x: np.ndarray) -> np.ndarray:
+    return x.transpose(0, 2, 1)
+
+
+def _half(which: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Fused gate_up_proj [E, 2F, D] -> gate (which=0) or up (which=1) as [E, D, F]."""
+    def fn(x: np.ndarray) -> np.ndarray:
+        f = x.shape[1] // 2
+        return x[:, which * f:(which + 1) * f, :].transpose(0, 2, 1)
+    return fn
+
+
+def _layer_specs(cfg: ModelConfig, i: int, fused_experts: bool) -> dict[str, TensorSpec]:
+    D, H, K, Dh, F, E = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                         cfg.intermediate_size, cfg.num_experts)
+    p, l = f"model.layers.{i}.", f"layers_{i}"
+    specs = {
+        p + "input_layernorm.weight": TensorSpec((D,), (((l, "input_norm", "scale"), _same),)),
+        p + "post_attention_layernorm.weight": TensorSpec(
+            (D,), (((l, "post_attn_norm", "scale"), _same),)),
+        p + "self_attn.q_proj.weight": TensorSpec(
+            (H * Dh, D), (((l, "attn", "q_proj", "kernel"), _t_split_out(H, Dh)),)),
+        p + "self_attn.k_proj.weight": TensorSpec(
+            (K * Dh, D), (((l, "attn", "k_proj", "kernel"), _t_split_out(K, Dh)),)),
+        p + "self_attn.v_proj.weight": TensorSpec(
+            (K * Dh, D), (((l, "attn", "v_proj", "kernel"), _t_split_out(K, Dh)),)),
+        p + "self_attn.o_proj.weight": TensorSpec(
+            (D, H * Dh), (((l, "attn", "o_proj", "kernel"), _t_split_in(H, Dh)),)),
+    }
+    if not cfg.is_moe:
+        for name, shape in (("gate_proj", (F, D)), ("up_proj", (F, D)), ("down_proj", (D, F))):
+            specs[p + f"mlp.{name}.weight"] = TensorSpec(shape, (((l, "mlp", name, "kernel"), _t),))
+        return specs
+    moe = (l, "moe")
+    if fused_experts:
+        specs[p + "mlp.gate.weight"] = TensorSpec((E, D), ((moe + ("router", "kernel"), _t),))
+        specs[p + "mlp.experts.gate_up_proj"] = TensorSpec((E, 2 * F, D), (
+            (moe + ("gate_proj", "kernel"), _half(0)), (moe + ("up_proj", "kernel"), _half(1))))
+        specs[p + "mlp.experts.down_proj"] = TensorSpec(
+            (E, D, F), ((moe + ("down_proj", "kernel"), _experts_t),))
+        return specs
+    specs[p + "block_sparse_moe.gate.weight"] = TensorSpec((E, D), ((moe + ("router", "kernel"), _t),))
+    for e in range(E):
+        q = p + f"block_sparse_moe.experts.{e}."
+        specs[q + "w1.weight"] = TensorSpec((F, D), ((moe + ("gate_proj", "kernel"), _t),), e)
+        specs[q + "w3.weight"] = TensorSpec((F, D), ((moe + ("up_proj", "kernel"), _t),), e)
+        specs[q + "w2.weight"] = TensorSpec((D, F), ((moe + ("down_proj", "kernel"), _t),), e)
+    return specs
+
+
+def hf_tensor_specs(cfg: ModelConfig, fused_experts: bool = False) -> dict[str, TensorSpec]:
+    """Every Hugging Face tensor name expected for `cfg`, with its shape and destinations."""
+    D, V = cfg.hidden_size, cfg.vocab_size
+    specs = {"model.embed_tokens.weight": TensorSpec((V, D), ((("embed_tokens", "embedding"), _same),))}
+    for i in range(cfg.num_layers):
+        specs.update(_layer_specs(cfg, i, fused_experts))
+    specs["model.norm.weight"] = TensorSpec((D,), ((("final_norm", "scale"), _same),))
+    if not cfg.tie_word_embeddings:
+        specs["lm_head.weight"] = TensorSpec((V, D), ((("lm_head", "kernel"), _t),))
+    return specs
+
+
+def to_hf_layout(x: np.ndarray, path: ParamPath, hf_shape: tuple[int, ...]) -> np.ndarray:
+    """Canonical layout -> Hugging Face layout (kernels [*in, *out] -> [out, in])."""
+    if path[-1] == "kernel":
+        return x.reshape(hf_shape[::-1]).T
+    return x.reshape(hf_shape)
+
+
+def set_leaf(tree: Params, path: ParamPath, value: Any) -> None:
+    """`tree[path[0]]...[path[-1]] = value`, creating the dicts on the way."""
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value

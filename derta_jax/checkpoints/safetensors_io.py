@@ -1,0 +1,144 @@
+"""Safetensors files, one tensor at a time: folder discovery, headers, streamed reads and writes.
+
+Reading opens every file with `safe_open(framework="numpy")` and yields one tensor at a time, so
+a loader holds its converted tree plus one tensor. Writing plans the shards from the shapes, writes
+each header first and then appends the tensors a block of rows at a time, so a shard is never
+held in memory either. Pickle weights (`*.bin`, `*.pt`, ...) are refused. Nothing here knows the
+model: names and shapes come from the caller (`names.py`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from typing import BinaryIO, Protocol, TypeVar
+
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+
+INDEX_FILE = "model.safetensors.index.json"  # a sharded checkpoint's tensor name -> shard file
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DTYPES = {"float32": "F32", "bfloat16": "BF16"}  # what we write: numpy name -> safetensors name
+# Tensor name -> (file name it is in, shape): what the headers say, before any data is read.
+Found = dict[str, tuple[str, tuple[int, ...]]]
+
+
+class Planned(Protocol):
+    """A tensor to write: its name and shape are known before its data."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+
+T = TypeVar("T", bound=Planned)
+
+
+# ---- reading ---------------------------------------------------------------------------------
+def safetensors_files(folder: str | os.PathLike) -> list[pathlib.Path]:
+    """The safetensors files of a checkpoint folder (sharded via the index, or all of them).
+
+    Raises ValueError for pickle-only folders and for index entries whose file is missing.
+    """
+    folder = pathlib.Path(folder)
+    index = folder / INDEX_FILE
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise ValueError(f"{index} lists shard files that do not exist: {missing}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{folder} holds only pickle weights ({', '.join(pickles)}); they are refused because "
+            "loading pickle can run arbitrary code. Use safetensors or GGUF only (for example "
+            "re-save the model with save_pretrained(..., safe_serialization=True)).")
+    raise ValueError(f"no *.safetensors files in {folder}")
+
+
+def read_shapes(files: Sequence[pathlib.Path]) -> Found:
+    """Tensor name -> (file name, shape), from the headers only."""
+    found: Found = {}
+    for path in files:
+        with safe_open(path, framework="numpy") as f:
+            for name in f.keys():
+                if name in found:
+                    raise ValueError(f"tensor {name!r} appears in both {found[name][0]} and {path.name}")
+                found[name] = (path.name, tuple(f.get_slice(name).get_shape()))
+    return found
+
+
+def iter_tensors(folder: pathlib.Path, found: Found, names: set[str]
+                 ) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (name, array) of the tensors in `names`, one at a time, file by file."""
+    by_file: dict[str, list[str]] = {}
+    for name, (file_name, _) in found.items():
+        if name in names:
+            by_file.setdefault(file_name, []).append(name)
+    for file_name, file_names in by_file.items():
+        with safe_open(folder / file_name, framework="numpy") as f:
+            for name in file_names:
+                yield name, f.get_tensor(name)
+
+
+# ---- writing ---------------------------------------------------------------------------------
+def plan_shards(tensors: Sequence[T], itemsize: int, max_bytes: int) -> list[list[T]]:
+    """Greedy, in order; a tensor larger than max_bytes gets a shard of its own."""
+    shards: list[list[T]] = [[]]
+    size = 0
+    for t in tensors:
+        nbytes = math.prod(t.shape) * itemsize
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += nbytes
+    return shards
+
+
+def header(tensors: Sequence[Planned], dtype: str) -> bytes:
+    """The safetensors header: JSON with each tensor's dtype, shape and byte range, 8-aligned."""
+    meta: dict = {"__metadata__": {"format": "pt"}}
+    offset, itemsize = 0, jnp.dtype(dtype).itemsize
+    for t in tensors:
+        end = offset + math.prod(t.shape) * itemsize
+        meta[t.name] = {"dtype": DTYPES[dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(meta, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def write_safetensors(path: pathlib.Path, tensors: Sequence[Planned],
+                      arrays: Iterable[np.ndarray], dtype: str) -> None:
+    """Streams `arrays` (one per tensor, in order) into one safetensors file."""
+    with open(path, "wb") as f:
+        f.write(header(tensors, dtype))
+        for t, array in zip(tensors, arrays, strict=True):
+            if array.shape != t.shape:
+                raise ValueError(f"tensor {t.name} came out with shape {list(array.shape)}, "
+                                 f"expected {list(t.shape)}")
+            _write_rows(f, array, jnp.dtype(dtype))
+            del array
+
+
+def _write_rows(f: BinaryIO, array: np.ndarray, dtype: np.dtype,
+                block_bytes: int = 16 * 2**20) -> None:
+    """Writes `array` in C order as `dtype`, a block of rows at a time: a transposed view is
+    made contiguous (and cast) block by block, never as a second whole copy."""
+    rows = array.reshape(1, -1) if array.ndim < 2 else array
+    step = max(1, block_bytes // max(1, rows[0].size * dtype.itemsize))
+    for start in range(0, rows.shape[0], step):
+        block = np.ascontiguousarray(rows[start:start + step], dtype=dtype)
+        f.write(block.reshape(-1).view(np.uint8).data)
