@@ -130,4 +130,5 @@ def make_loader(examples: Sequence[TokenizedExample], plan: Plan, seed: int
         raise ValueError(f"the plan is for {plan.examples} examples, got {len(examples)}")
     steps = grain.MapDataset.range(plan.total_steps).map(
         lambda step: step_batch(examples, plan, seed, int(step)))
-    return iter(steps.to_iter_dataset())
+    # One background thread builds the next batches while a step runs; memory stays bounded.
+    return iter(steps.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))

@@ -88,7 +88,7 @@ def test_asr_is_the_share_of_unrefused_attack_answers(ablation_run):
             answers = [json.loads(l) for l in (out / "runs" / "eval" / f"{recipe}-s{s}" /
                                                "completionattack.jsonl").read_text().splitlines()]
             assert len(answers) == 2
-            asr.append(100.0 * sum(not a["judges"]["refusal"]["refused"] for a in answers) / 2)
+            asr.append(100.0 * sum(a["judges"]["refusal"]["harmful"] for a in answers) / 2)
         assert rows[label][0] == f"{statistics.mean(asr):.1f} ± {statistics.stdev(asr):.1f}"
 
 
