@@ -7,15 +7,22 @@
 Tensors are read straight from the Orbax checkpoint's per-array TensorStore storage (with Orbax's
 own read spec), so a training checkpoint saved sharded over many devices is never gathered whole:
 `read_param` returns one canonical tensor (one layer's slice of a `scan_layers` stack).
+
+A training workdir resolves to its newest step that resolves (metadata readable, tensors as the
+config says); a step that does not is skipped with a warning naming it and the reason, as the
+trainer sets such a step aside (training/checkpointing.py). Eval, generate and export all resolve
+through here, and every tensor read is refused when it holds a NaN or an infinity.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
+import logging
 import pathlib
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
@@ -28,6 +35,8 @@ from derta_jax.models.config import ModelConfig
 WORKDIR_MODEL = "model"
 WORKDIR_CHECKPOINTS = "checkpoints"
 STATE_ITEM = "state"
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +98,17 @@ class Checkpoint:
         return tree
 
     def _read(self, stored: StoredTensor, index: tuple[int, ...] = ()) -> np.ndarray:
-        store = _open(self.item_dir, ".".join(stored.leaf), self.use_ocdbt, self.use_zarr3)
-        return np.asarray(store[stored.index + index].read().result())
+        try:
+            store = _open(self.item_dir, ".".join(stored.leaf), self.use_ocdbt, self.use_zarr3)
+            array = np.asarray(store[stored.index + index].read().result())
+        except Exception as e:  # TensorStore raises many types; name the tensor in every case
+            raise ValueError(f"cannot read {'/'.join(stored.leaf)} from {self.item_dir}: "
+                             f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
+        if (array.dtype.kind == "f" or array.dtype == ml_dtypes.bfloat16) and \
+                not np.isfinite(array).all():
+            raise ValueError(f"{self.item_dir} holds non-finite values in {'/'.join(stored.leaf)} "
+                             "(a diverged run?): refusing it; pick an earlier step")
+        return array
 
 
 @functools.lru_cache(maxsize=64)
@@ -110,12 +128,12 @@ def _context(use_ocdbt: bool) -> ts.Context:
 
 
 def available_steps(workdir: str | pathlib.Path) -> list[int]:
-    """Finished checkpoint steps of a training workdir, ascending."""
+    """Finished checkpoint steps of a training workdir (folders named by their step: unfinished
+    saves and set-aside steps are named otherwise), ascending."""
     folder = pathlib.Path(workdir) / WORKDIR_CHECKPOINTS
     if not folder.is_dir():
         return []
-    return sorted(int(p.name) for p in folder.iterdir()
-                  if p.name.isdigit() and (p / STATE_ITEM).is_dir())
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir())
 
 
 def resolve_checkpoint(path: str | pathlib.Path, step: int | None = None) -> Checkpoint:
@@ -156,14 +174,23 @@ def _resolve_workdir(workdir: pathlib.Path, step: int | None) -> Checkpoint:
     if not steps:
         raise ValueError(f"training workdir {workdir} has no finished checkpoint in "
                          f"{WORKDIR_CHECKPOINTS}/")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
+    if step is not None and step not in steps:
         raise ValueError(f"training workdir {workdir} has no checkpoint for step {step}; "
                          f"available steps: {', '.join(map(str, steps))}")
     cfg = load_config(workdir / WORKDIR_MODEL)
-    item = workdir / WORKDIR_CHECKPOINTS / str(step) / STATE_ITEM
-    return _resolve(cfg, workdir / WORKDIR_MODEL, item, "workdir", step, ("params",), ("lora",))
+    errors = []
+    for s in [step] if step is not None else reversed(steps):
+        item = workdir / WORKDIR_CHECKPOINTS / str(s) / STATE_ITEM
+        try:
+            return _resolve(cfg, workdir / WORKDIR_MODEL, item, "workdir", s, ("params",),
+                            ("lora",))
+        except ValueError as e:
+            if step is not None:
+                raise
+            errors.append(str(e))
+            log.warning("skipping checkpoint %s: %s", item.parent, e)
+    raise ValueError(f"training workdir {workdir} has no readable checkpoint: "
+                     + "; ".join(errors))
 
 
 def _stored_leaves(item_dir: pathlib.Path) -> tuple[dict[ParamPath, Any], bool, bool]:

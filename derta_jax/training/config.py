@@ -100,10 +100,13 @@ class CheckpointConfig:
     every_steps: int = 500  # save every N steps (and always at the end)
     keep: int = 3  # keep the last K checkpoints
     async_save: bool = True  # write checkpoints in the background
+    restore_step: int = -1  # resume from this step (newer ones set aside); -1 = newest readable
 
     def __post_init__(self):
         _check(self.every_steps >= 1, "every_steps", self.every_steps, ">= 1")
         _check(self.keep >= 1, "keep", self.keep, ">= 1")
+        _check(self.restore_step == -1 or self.restore_step >= 1, "restore_step", self.restore_step,
+               "-1 or a saved step >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +119,9 @@ class TrainConfig:
     log_every: int = 1  # write metrics every N steps
     peak_tflops: float = 0.0  # per-device peak for perf/mfu; 0 = measure a matmul at start
     stop_at: int = -1  # save and exit after this step, as a preempted run would; -1 = run to the end
+    on_nonfinite: str = "stop"  # loss or norm/grad not finite: stop, unsaved | skip the update
+    max_skipped_steps: int = 10  # on_nonfinite=skip: stop after this many skips in a row
+    allow_config_change: bool = False  # resume though keys that change the run differ
 
     def __post_init__(self):
         _check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
@@ -123,6 +129,9 @@ class TrainConfig:
         _check(self.steps == -1 or self.steps >= 1, "steps", self.steps, "-1 or >= 1")
         _check(self.steps != -1 or self.epochs > 0, "epochs", self.epochs, "> 0 when train.steps = -1")
         _check(self.log_every >= 1, "log_every", self.log_every, ">= 1")
+        _check(self.on_nonfinite in ("stop", "skip"), "on_nonfinite", self.on_nonfinite,
+               "stop or skip")
+        _check(self.max_skipped_steps >= 1, "max_skipped_steps", self.max_skipped_steps, ">= 1")
 
 
 SECTIONS = {"data": DataConfig, "loss": LossConfig, "optimizer": OptimizerConfig,

@@ -3,9 +3,19 @@
     metrics = train(config, workdir)
 
 Resumes from <workdir>/checkpoints when it holds a checkpoint (params, optimizer, step, rng and
-the data iterator), so a stopped run continues as if never stopped. Metrics are fetched one step
-late (the host never waits on the step it just launched); a non-finite loss stops the run.
-SIGTERM saves a checkpoint at the current step and returns.
+the data iterator), so a stopped run continues as if never stopped: the newest step that reads
+completely wins (training/checkpointing.py), metrics.jsonl rows (and TensorBoard events) after it
+are dropped, so every logged step has exactly one row after any sequence of kills. Metrics are
+fetched one step late (the host never waits on the step it just launched), except that a step's
+row is written before its checkpoint is saved. A step whose loss or norm/grad is not finite is
+never saved: with train.on_nonfinite=stop the run stops naming the step and its examples; with
+skip its update is not applied (train/skipped_steps), and train.max_skipped_steps in a row stop
+the run. SIGTERM saves a checkpoint at the current step and returns.
+
+A workdir is used by one trainer at a time (<workdir>/lock, training/workdir.py). A resumed run
+compares its config with <workdir>/config.json and refuses keys that change the run (unless
+train.allow_config_change); config.json is written once the run is restored (a changed one keeps
+the previous as config.<step>.json). A finished run rerun says so and returns.
 
 Every process reads the same global batch (the loader is not sharded by host) and keeps its own
 rows, so a run gives the same numbers on any number of processes; packing is cheap next to a step.
@@ -14,8 +24,8 @@ padding share) is logged and written to <workdir>/plan.json.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import logging
 import math
 import pathlib
@@ -39,6 +49,7 @@ from derta_jax.training import config as config_lib
 from derta_jax.training import perf
 from derta_jax.training import sharding as shd
 from derta_jax.training import step as step_lib
+from derta_jax.training import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -91,25 +102,28 @@ def make_plan(run: config_lib.RunConfig, examples: list[Any], mesh: Any) -> load
                                 row_multiple=multiple)
 
 
-def log_plan(plan: loader_lib.Plan, workdir: pathlib.Path) -> None:
+def log_plan(plan: loader_lib.Plan) -> None:
     log.info("data plan: %d examples, %d per step, %d rows of %d tokens per step, %d steps per "
              "epoch, %d steps, %.1f%% of token slots padding", plan.examples, plan.batch_size,
              plan.rows_per_step, plan.seq_len, plan.steps_per_epoch, plan.total_steps,
              100 * plan.pad_share)
-    if jax.process_index() == 0:
-        (workdir / "plan.json").write_text(plan.to_json())
 
 
 class MetricsWriter:
-    """metrics.jsonl, TensorBoard and the progress bar; a no-op on processes other than 0."""
+    """metrics.jsonl, TensorBoard and the progress bar; a no-op on processes other than 0.
+
+    Rows after `start` (written by a run killed before its next checkpoint) are dropped first;
+    TensorBoard is told to purge its events from step start + 1 on."""
 
     def __init__(self, workdir: pathlib.Path, start: int, total: int):
         self.active = jax.process_index() == 0
         if not self.active:
             return
         from tensorboardX import SummaryWriter
-        self.jsonl = open(workdir / "metrics.jsonl", "a")
-        self.tb = SummaryWriter(str(workdir / "tensorboard"))
+        workdir_lib.truncate_metrics(workdir, start)
+        self.jsonl = open(workdir / workdir_lib.METRICS_FILE, "a")
+        self.tb = SummaryWriter(str(workdir / "tensorboard"),
+                                purge_step=start + 1 if start > 0 else None)
         self.bar = tqdm.tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
 
     def write(self, step: int, metrics: dict[str, float], log_line: bool) -> None:
@@ -119,10 +133,15 @@ class MetricsWriter:
         self.bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                              tok_s=f"{metrics.get('perf/tokens_per_s', 0.0):.0f}")
         if log_line:
-            self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.jsonl.write(workdir_lib.json_row(step, metrics) + "\n")
             self.jsonl.flush()
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, step)
+
+    def flush(self) -> None:
+        """Before a checkpoint: the rows of every step it holds are on disk."""
+        if self.active:
+            self.tb.flush()
 
     def close(self) -> None:
         if self.active:
@@ -131,14 +150,15 @@ class MetricsWriter:
             self.tb.close()
 
 
-def write_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, cfg: ModelConfig,
-                  tokenizer: Any) -> None:
-    """config.json and model/ (model_config.json + tokenizer) so eval/export can read the run."""
-    if jax.process_index() != 0:
-        return
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json(indent=2))
-    model_dir.save_model_dir(workdir / "model", cfg, None, tokenizer)
+def write_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, run: "_Run",
+                  changed: bool) -> None:
+    """config.json (the previous one kept as config.<step>.json when `changed`), plan.json and
+    model/ (model_config.json + tokenizer, so eval/export can read the run): written once the run
+    is validated and restored."""
+    workdir_lib.record_config(config, workdir, run.start, changed)
+    if jax.process_index() == 0:
+        (workdir / "plan.json").write_text(run.plan.to_json())
+        model_dir.save_model_dir(workdir / "model", run.cfg, None, run.tokenizer)
 
 
 class _Preemption:
@@ -163,27 +183,59 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+class Diverged(FloatingPointError):
+    """A step's loss or gradient norm was not finite (nothing of it was saved)."""
+
+
 class _Logger:
-    """Fetches a step's metrics (one step late), adds perf/*, checks the loss, writes them."""
+    """Fetches a step's metrics (one step late), adds perf/*, writes them, and stops the run on a
+    non-finite step (train.on_nonfinite=stop) or on train.max_skipped_steps skips in a row."""
 
     def __init__(self, writer: MetricsWriter, flops_per_token: float, peak_flops: float,
-                 every: int):
-        self.writer, self.flops, self.peak, self.every = writer, flops_per_token, peak_flops, every
+                 run: "_Run", t: config_lib.TrainConfig, data_seed: int):
+        self.writer, self.flops, self.peak = writer, flops_per_token, peak_flops
+        self.run, self.t, self.seed, self.every = run, t, data_seed, t.log_every
+        self.skipped, self.in_a_row = run.skipped, 0
         self.since = time.perf_counter()
 
-    def __call__(self, step: int, metrics: dict[str, jax.Array], tokens: int) -> dict[str, float]:
+    def __call__(self, step: int, metrics: dict[str, jax.Array], tokens: int,
+                 before_save: bool = False) -> dict[str, float]:
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
-        if not math.isfinite(host["loss"]):
-            raise FloatingPointError(
-                f"loss is {host['loss']} at step {step} (loss/mle={host['loss/mle']}, "
-                f"loss/rto={host['loss/rto']}, norm/grad={host['norm/grad']}); lower "
-                "optimizer.learning_rate or check the data")
+        finite = math.isfinite(host["loss"]) and math.isfinite(host["norm/grad"])  # as the step
         host["perf/tokens_per_s"] = tokens / max(now - self.since, 1e-9)
         host["perf/mfu"] = host["perf/tokens_per_s"] * self.flops / self.peak
         self.since = now
-        self.writer.write(step, host, log_line=step % self.every == 0 or step == 1)
+        skip = self.t.on_nonfinite == "skip"
+        if skip:
+            self.in_a_row = 0 if finite else self.in_a_row + 1
+            self.skipped += not finite
+            host["train/skipped_steps"] = float(self.skipped)
+        self.writer.write(step, host, log_line=step % self.every == 0 or step == 1 or not finite)
+        if before_save:
+            self.writer.flush()
+        if not finite:
+            self._nonfinite(step, host, skip)
         return host
+
+    def _nonfinite(self, step: int, host: dict[str, float], skip: bool) -> None:
+        values = ", ".join(f"{k}={host[k]}" for k in ("loss", "norm/grad", "loss/mle", "loss/rto"))
+        examples = loader_lib.step_examples(self.run.plan.examples, self.run.plan.batch_size,
+                                            self.seed, step - 1)[0]
+        batch = (f"its batch holds examples {', '.join(map(str, examples))} (indices into the "
+                 f"run's {self.run.plan.examples} examples, data.seed={self.seed})")
+        saved = self.run.mngr.latest_step()
+        last = f"the last checkpoint is step {saved}" if saved is not None else "nothing was saved"
+        if not skip:
+            raise Diverged(f"step {step} is not finite ({values}); nothing of it was saved and "
+                           f"{last}; {batch}. Lower optimizer.learning_rate, check those examples, "
+                           "or rerun with --config.train.on_nonfinite=skip")
+        if self.in_a_row >= self.t.max_skipped_steps:
+            raise Diverged(f"{self.in_a_row} steps in a row were not finite (steps "
+                           f"{step - self.in_a_row + 1}..{step}, train.max_skipped_steps="
+                           f"{self.t.max_skipped_steps}): the run diverged; {last}. Step {step}: "
+                           f"{values}; {batch}")
+        log.warning("step %d skipped (%s): its update was not applied; %s", step, values, batch)
 
 
 @dataclasses.dataclass
@@ -193,63 +245,112 @@ class _Run:
     cfg: ModelConfig
     steps: int
     start: int
+    skipped: int  # steps skipped as non-finite before `start`
     state: step_lib.State
     loader: Any
     mngr: Any
     train_step: Any
     mesh: Any
+    plan: loader_lib.Plan
+    tokenizer: Any
 
 
-def _prepare(run_cfg: config_lib.RunConfig, config: ml_collections.ConfigDict,
-             workdir: pathlib.Path) -> _Run:
+def _prepare(run_cfg: config_lib.RunConfig, workdir: pathlib.Path) -> _Run | None:
+    """The run restored (or initialised); None when its checkpoints already reach the plan's
+    last step (decided from the folder, before anything is restored)."""
     mesh = shd.make_mesh(run_cfg.mesh)
     cfg, tokenizer = model_and_tokenizer(run_cfg)
-    write_workdir(workdir, config, cfg, tokenizer)
     examples = load_examples(run_cfg.data, tokenizer)
     plan = make_plan(run_cfg, examples, mesh)
-    log_plan(plan, workdir)
+    log_plan(plan)
+    t, c = run_cfg.train, run_cfg.checkpoint
+    at = c.restore_step if c.restore_step > 0 else ckpt.newest_step(workdir)
+    if at is not None and at >= plan.total_steps:
+        total = f"train.steps={plan.total_steps}" if t.steps > 0 else \
+            f"{plan.total_steps} steps (train.epochs={t.epochs})"
+        log.info("already at step %d >= %s: nothing to do", at, total)
+        return None
     loader = loader_lib.make_loader(examples, plan, run_cfg.data.seed)
-    setup = step_lib.build(step_lib.StepConfig(cfg, run_cfg.loss, run_cfg.optimizer,
-                                               run_cfg.train.accum_steps), mesh, plan.total_steps)
-    mngr = ckpt.make_manager(workdir, run_cfg.checkpoint.keep, run_cfg.checkpoint.async_save)
-    start = ckpt.latest_step(mngr)
-    if start is None:
+    setup = step_lib.build(step_lib.StepConfig(cfg, run_cfg.loss, run_cfg.optimizer, t.accum_steps,
+                                               skip_nonfinite=t.on_nonfinite == "skip"),
+                           mesh, plan.total_steps)
+    mngr = ckpt.make_manager(workdir, c.keep, c.async_save)
+    try:
+        restored = ckpt.restore_newest(mngr, setup.shardings, setup.abstract, loader,
+                                       c.restore_step if c.restore_step > 0 else None)
+    except BaseException:
+        mngr.close()
+        raise
+    if restored is None:
         params = load_params(run_cfg, cfg, setup.shardings["params"])
-        state = setup.init(jax.random.PRNGKey(run_cfg.train.seed), params)
+        state = setup.init(jax.random.PRNGKey(t.seed), params)
         start = 0
     else:
+        start, state = restored
         log.info("resuming from %s/%d", mngr.directory, start)
-        state = ckpt.restore(mngr, start, setup.shardings, setup.abstract, loader)
-    return _Run(cfg, plan.total_steps, start, state, loader, mngr, setup.train_step, mesh)
+    skipped = start - int(jax.device_get(state["step"]))
+    return _Run(cfg, plan.total_steps, start, skipped, state, loader, mngr, setup.train_step, mesh,
+                plan, tokenizer)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
-    """Runs (or resumes) training; returns the last step's metrics. With `train.stop_at` it saves
-    and returns after that step, as a preempted run would."""
+    """Runs (or resumes) training; returns the last step's metrics ({} when the run had already
+    finished). With `train.stop_at` it saves and returns after that step, as a preempted run
+    would."""
     run_cfg = config_lib.parse(config)
     workdir = pathlib.Path(workdir).absolute()
-    run = _prepare(run_cfg, config, workdir)
+    with workdir_lib.hold_lock(workdir):
+        return _train(run_cfg, config, workdir)
+
+
+def _train(run_cfg: config_lib.RunConfig, config: ml_collections.ConfigDict,
+           workdir: pathlib.Path) -> dict[str, float]:
+    ckpt.remove_unfinished(workdir)
+    folder = workdir / ckpt.CHECKPOINT_DIR
+    progress = folder.is_dir() and any(folder.iterdir())
+    t = run_cfg.train
+    changed = workdir_lib.check_config(config, workdir, t.allow_config_change) if progress else {}
+    run = _prepare(run_cfg, workdir)
+    if run is None:
+        return {}
+    writer = preemption = None
+    try:
+        write_workdir(workdir, config, run, changed=bool(changed))
+        writer = MetricsWriter(workdir, run.start, run.steps)
+        preemption = _Preemption()
+        metrics = _loop(run, run_cfg.checkpoint.every_steps, t.stop_at,
+                        _make_logger(run, run_cfg, writer), preemption)
+        ckpt.wait(run.mngr)
+    except BaseException:
+        with contextlib.suppress(Exception):  # a save in flight completes, whatever stopped us
+            run.mngr.wait_until_finished()
+        with contextlib.suppress(Exception):
+            run.mngr.close()
+        raise
+    else:
+        run.mngr.close()
+        return metrics
+    finally:
+        if writer is not None:
+            writer.close()
+        if preemption is not None:
+            preemption.restore()
+
+
+def _make_logger(run: _Run, run_cfg: config_lib.RunConfig, writer: MetricsWriter) -> _Logger:
     t = run_cfg.train
     per_device = t.peak_tflops * 1e12 if t.peak_tflops > 0 else perf.measure_matmul_flops(
         dtype=run.cfg.dtype)
     log.info("perf/mfu against %.1f TFLOP/s per device (%s)", per_device / 1e12,
              "train.peak_tflops" if t.peak_tflops > 0 else f"measured {run.cfg.dtype} matmul")
-    writer = MetricsWriter(workdir, run.start, run.steps)
-    logger = _Logger(writer, perf.train_flops_per_token(run.cfg, run_cfg.data.max_length),
-                     per_device * jax.device_count(), t.log_every)
-    preemption = _Preemption()
-    try:
-        return _loop(run, run_cfg.checkpoint.every_steps, t.stop_at, logger, preemption)
-    finally:
-        run.mngr.wait_until_finished()
-        run.mngr.close()
-        writer.close()
-        preemption.restore()
+    return _Logger(writer, perf.train_flops_per_token(run.cfg, run_cfg.data.max_length),
+                   per_device * jax.device_count(), run, t, run_cfg.data.seed)
 
 
 def _loop(run: _Run, every: int, stop_at: int, logger: _Logger,
           preemption: _Preemption) -> dict[str, float]:
-    """The steps; metrics of step t are fetched after step t+1 is launched."""
+    """The steps; metrics of step t are fetched after step t+1 is launched, or before step t is
+    saved (so its row is on disk first, and a non-finite step stops the run unsaved)."""
     base_rng = jax.device_get(run.state["rng"])
     state, step, pending, last = run.state, run.start, None, {}
     while step < run.steps:
@@ -263,6 +364,7 @@ def _loop(run: _Run, every: int, stop_at: int, logger: _Logger,
         pending = (step, metrics, tokens)
         stop = step == stop_at or preemption.requested_anywhere()
         if step % every == 0 or step == run.steps or stop:
+            last, pending = logger(*pending, before_save=True), None
             ckpt.save(run.mngr, step, state, run.loader)
         if stop:
             break

@@ -5,7 +5,7 @@
     state, metrics = setup.train_step(state, batch, rng)
 
 State is a plain dict (what Orbax saves as item "state"):
-    step       int32 []        optimizer steps taken
+    step       int32 []        optimizer steps taken (a skipped non-finite step takes none)
     params     base weights    (float32 masters; frozen when LoRA is on)
     lora       LoRA adapters   ({} without LoRA)
     opt_state  optax state of the trainable tree only (params, or lora with LoRA)
@@ -15,6 +15,11 @@ The step takes the global batch (sharded over (data, fsdp)), draws the RTO keep 
 weights on the whole of it, then accumulates `loss.loss_sums` and its gradients over
 `accum_steps` micro-batches; because the weights are normalised over the global batch, the summed
 micro-batch losses are exactly the pooled mean (see training/loss.py).
+
+A step is finite when its loss and gradient norm are (values it computes anyway). The loop stops
+on a non-finite step before anything of it is saved; with `skip_nonfinite` the step also keeps
+the old trainable tree, optimizer state and step counter, so the run's skipped steps are its
+loop steps minus `state["step"]`.
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ class StepConfig:
     loss: LossConfig = LossConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     accum_steps: int = 1  # micro-batches per optimizer step
+    skip_nonfinite: bool = False  # a non-finite loss or norm/grad leaves the state as it was
 
 
 def uses_lora(cfg: ModelConfig) -> bool:
@@ -138,15 +144,18 @@ def train_step(state: State, batch: Batch, rng: jax.Array, *, cfg: StepConfig,
                ) -> tuple[State, dict[str, jax.Array]]:
     """One optimizer step on the global batch. Pure; `build` jits it."""
     grads, sums = compute_grads(state, batch, rng, cfg=cfg)
-    lora_on = uses_lora(cfg.model)
-    trainable = state["lora"] if lora_on else state["params"]
-    updates, opt_state = tx.update(grads, state["opt_state"], trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    new_state = {**state, "step": state["step"] + 1, "opt_state": opt_state,
-                 ("lora" if lora_on else "params"): trainable}
+    grad_norm = optax.global_norm(grads)
+    key = "lora" if uses_lora(cfg.model) else "params"
+    updates, opt_state = tx.update(grads, state["opt_state"], state[key])
+    new = {key: optax.apply_updates(state[key], updates), "opt_state": opt_state,
+           "step": state["step"] + 1}
+    if cfg.skip_nonfinite:  # the select fuses into the update: no extra pass over the params
+        finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
+        old = {k: state[k] for k in new}
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     metrics = {**loss_lib.metrics_from_sums(sums, cfg.model.is_moe),
-               "norm/grad": optax.global_norm(grads), "lr": schedule(state["step"])}
-    return new_state, metrics
+               "norm/grad": grad_norm, "lr": schedule(state["step"])}
+    return {**state, **new}, metrics
 
 
 @dataclasses.dataclass(frozen=True)

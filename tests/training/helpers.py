@@ -39,3 +39,28 @@ def random_batch(rows: int, length: int, seed: int, vocab: int = 64) -> dict[str
                 out["targets"][r, start + q:start + n] = REFUSAL
             start += n
     return out
+
+
+def poison_grads(monkeypatch, rngs) -> None:
+    """Makes the train step's gradients NaN, its loss staying finite, when the step's rng is one
+    of `rngs`: a diverging step that the loss alone does not show (what issue 13 saw saved)."""
+    import jax
+    import jax.numpy as jnp
+
+    from derta_jax.training import step as step_lib
+
+    real = step_lib.compute_grads
+    keys = np.stack([np.asarray(jax.device_get(k)) for k in rngs])
+
+    def compute_grads(state, batch, rng, *, cfg):
+        grads, sums = real(state, batch, rng, cfg=cfg)
+        hit = jnp.any(jnp.all(jnp.asarray(keys) == rng, axis=-1))
+        return jax.tree.map(lambda g: jnp.where(hit, jnp.nan, g), grads), sums
+
+    monkeypatch.setattr(step_lib, "compute_grads", compute_grads)
+
+
+def loop_rng(seed: int, step: int):
+    """The rng that training/loop.py gives step `step` (1-based) of a run with train.seed=seed."""
+    import jax
+    return jax.random.fold_in(jax.random.PRNGKey(seed), step - 1)

@@ -145,3 +145,24 @@ def test_vectorised_rto_equals_the_literal_per_position_loop():
         literal.append(-jax.nn.log_softmax(logits[0, end - 1])[REFUSAL])
     assert aux["tokens/rto"] == len(r_hat)
     np.testing.assert_allclose(vectorised, np.mean(literal), rtol=1e-5)
+
+
+def test_skip_nonfinite_keeps_the_state_when_the_gradient_is_nan_and_the_loss_finite(
+        one_device, monkeypatch):
+    """The in-step check (issue 13): a NaN gradient norm with a finite loss leaves the trainable
+    tree, the optimizer state and the step counter as they were; a finite step applies."""
+    from tests.training.helpers import poison_grads
+    model, cfg, host_state, batch, _ = one_device
+    bad, good = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+    poison_grads(monkeypatch, [bad])
+    mesh = shd.make_mesh(shd.MeshConfig(data=1), jax.devices()[:1])
+    setup = step_lib.build(step_lib.StepConfig(model, cfg.loss, OPT, skip_nonfinite=True), mesh, 10)
+    sharded = shd.shard_batch(batch, mesh)
+    state, metrics = setup.train_step(jax.device_put(host_state, setup.shardings), sharded, bad)
+    assert np.isfinite(float(metrics["loss"])) and np.isnan(float(metrics["norm/grad"]))
+    jax.tree.map(np.testing.assert_array_equal, host_state, jax.device_get(state))
+    state, metrics = setup.train_step(state, sharded, good)
+    assert int(state["step"]) == 1 and np.isfinite(float(metrics["norm/grad"]))
+    moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), host_state["params"],
+                         jax.device_get(state["params"]))
+    assert all(jax.tree.leaves(moved))

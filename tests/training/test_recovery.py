@@ -1,0 +1,154 @@
+"""Resuming copies of one tiny run (conftest.base_run: checkpoints at 2 and 4) after what issue 13
+reproduced: a damaged latest step, a full disk, a diverging step. The restore cases stop before
+the first step (faults.stop_before_the_first_step), so they cost a restore, not a compilation."""
+import errno
+import json
+import logging
+import os
+import re
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from benchmarks import faults
+from derta_jax.data import loader as loader_lib
+from derta_jax.training import checkpointing as ckpt
+from derta_jax.training import loop
+from tests.training.conftest import BASE
+from tests.training.helpers import loop_rng, poison_grads
+from tests.training.run_helpers import read_metrics, tiny_config
+
+
+def _state(workdir, step):
+    return ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+
+
+def _names(workdir):
+    return sorted(os.listdir(workdir / "checkpoints"))
+
+
+@pytest.mark.parametrize("damage", ["delete state/", "truncate the largest tensor file",
+                                    "truncate state/_METADATA", "delete the data iterator file"])
+def test_a_damaged_latest_step_is_set_aside_and_the_one_before_wins(base_copy, damage, caplog):
+    faults.DAMAGES[damage](base_copy / "checkpoints" / "4")
+    with caplog.at_level(logging.WARNING, "derta_jax"), faults.stop_before_the_first_step() as run:
+        loop.train(tiny_config(6, **BASE), base_copy)
+    assert run["start"] == 2
+    assert re.search(r"checkpoints/4 cannot be restored \(.+\): moved to unreadable-4",
+                     caplog.text), caplog.text
+    assert _names(base_copy) == ["2", "unreadable-4"]
+    assert [r["step"] for r in read_metrics(base_copy)] == [1, 2]
+
+
+def test_a_finished_run_has_nothing_to_do_and_is_left_alone(base_copy, caplog):
+    """Decided from the folder: restoring step 4 into a 2-step plan would fail (its data
+    iterator is past the end) and must not set it aside."""
+    before = (base_copy / "config.json").read_text()
+    with caplog.at_level(logging.INFO, "derta_jax"):
+        assert loop.train(tiny_config(2, **BASE), base_copy) == {}
+        assert loop.train(tiny_config(4, **BASE), base_copy) == {}
+    assert "already at step 4 >= train.steps=2: nothing to do" in caplog.text
+    assert "already at step 4 >= train.steps=4: nothing to do" in caplog.text
+    assert _names(base_copy) == ["2", "4"]
+    assert (base_copy / "config.json").read_text() == before
+    assert [r["step"] for r in read_metrics(base_copy)] == [1, 2, 3, 4]
+
+
+def test_restore_step_picks_a_step_and_sets_the_newer_ones_aside(base_copy):
+    with pytest.raises(ValueError, match=r"checkpoint.restore_step=3: .* has no step 3 "
+                                         r"\(steps: 2, 4\)"):
+        loop.train(tiny_config(6, checkpoint__restore_step=3, **BASE), base_copy)
+    with faults.stop_before_the_first_step() as run:
+        loop.train(tiny_config(6, checkpoint__restore_step=2, **BASE), base_copy)
+    assert run["start"] == 2
+    assert _names(base_copy) == ["2", "superseded-4"]
+    assert [r["step"] for r in read_metrics(base_copy)] == [1, 2]
+
+
+def test_no_readable_step_stops_listing_what_it_tried_and_never_starts_over(base_copy):
+    for step in (2, 4):
+        faults.DAMAGES["delete the largest tensor file"](base_copy / "checkpoints" / str(step))
+    with pytest.raises(ValueError) as e:
+        loop.train(tiny_config(6, **BASE), base_copy)
+    message = str(e.value)
+    assert message.startswith("no readable checkpoint in ") and "tried " in message
+    assert "checkpoints/4 (" in message and "moved to unreadable-4" in message
+    assert "checkpoints/2 (" in message and "moved to unreadable-2" in message
+    assert _names(base_copy) == ["unreadable-2", "unreadable-4"]
+    with pytest.raises(ValueError, match="no readable checkpoint .* it holds unreadable-2, "
+                                         "unreadable-4"):
+        loop.train(tiny_config(6, **BASE), base_copy)
+
+
+def test_a_full_disk_stops_with_one_message_and_the_earlier_checkpoints_stay(base_copy,
+                                                                             monkeypatch):
+    def no_space(self, directory, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+
+    monkeypatch.setattr(grain.checkpoint.CheckpointHandler, "save", no_space)
+    with pytest.raises(ckpt.DiskFullError, match=r"no space left on device while saving a "
+                                                 r"checkpoint in .*; the finished checkpoints "
+                                                 r"\(steps 2, 4\) are intact"):
+        loop.train(tiny_config(6, **BASE), base_copy)
+    assert [r["step"] for r in read_metrics(base_copy)] == [1, 2, 3, 4, 5, 6]  # 6 before its save
+    monkeypatch.undo()
+    assert [n for n in _names(base_copy) if ckpt.TMP_MARK not in n] == ["2", "4"]
+    with faults.stop_before_the_first_step() as run:  # the unfinished save is removed, 4 reads
+        loop.train(tiny_config(6, **BASE), base_copy)
+    assert run["start"] == 4 and _names(base_copy) == ["2", "4"]
+
+
+def test_a_diverging_step_is_never_saved_then_skip_continues(base_copy, monkeypatch):
+    """Step 5's gradient is NaN while its loss is finite (issue 13's case). stop: the run stops
+    naming the step and its examples, with no checkpoint of it and valid JSON rows. skip (an
+    allowed config change): step 5's update is not applied and counted, two non-finite steps in
+    a row (7, 8) stop the run, and every saved state is finite."""
+    poison_grads(monkeypatch, [loop_rng(0, s) for s in (5, 7, 8)])
+    with pytest.raises(loop.Diverged) as e:
+        loop.train(tiny_config(6, **{**BASE, "checkpoint__every_steps": 1}), base_copy)
+    examples = loader_lib.step_examples(64, 4, 0, 4)[0]
+    assert f"step 5 is not finite (loss=1" in str(e.value) and "norm/grad=nan" in str(e.value)
+    assert f"examples {', '.join(map(str, examples))} (indices" in str(e.value)
+    assert "the last checkpoint is step 4" in str(e.value)
+    assert _names(base_copy) == ["2", "4"]
+    rows = read_metrics(base_copy)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[-1]["norm/grad"] is None
+
+    with pytest.raises(loop.Diverged, match=r"2 steps in a row were not finite \(steps 7..8, "
+                                            r"train.max_skipped_steps=2\)"):
+        loop.train(tiny_config(8, train__on_nonfinite="skip", train__max_skipped_steps=2,
+                               **BASE), base_copy)
+    rows = read_metrics(base_copy)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [r["train/skipped_steps"] for r in rows[4:]] == [1, 1, 2, 3]
+    assert _names(base_copy) == ["2", "4", "6"]
+    six = _state(base_copy, 6)
+    assert int(six["step"]) == 5  # one of the 6 steps was skipped
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(six) if x.dtype.kind == "f")
+    assert json.loads((base_copy / "config.4.json").read_text())["train"]["on_nonfinite"] == "stop"
+    assert not (base_copy / "lock").exists()
+
+
+def test_eval_and_export_resolve_the_newest_readable_step_and_refuse_non_finite_tensors(
+        base_copy, caplog):
+    """checkpoints/resolve.py (what eval, generate and export read): a latest step without its
+    state is skipped with a warning naming it (it used to be skipped silently), and a tensor
+    holding NaN is refused, naming it."""
+    from derta_jax.checkpoints.resolve import resolve_checkpoint
+    faults.DAMAGES["delete state/"](base_copy / "checkpoints" / "4")
+    with caplog.at_level(logging.WARNING, "derta_jax"):
+        assert resolve_checkpoint(base_copy).step == 2
+    assert re.search(r"skipping checkpoint .*/checkpoints/4: .*not a readable", caplog.text)
+    state = jax.tree.map(np.array, _state(base_copy, 2))  # writable host copies
+    state["params"]["layers_1"]["mlp"]["up_proj"]["kernel"][0, 0] = np.nan
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(base_copy / "checkpoints" / "6" / "state", state)
+    ckpt_6 = resolve_checkpoint(base_copy)
+    assert ckpt_6.step == 6
+    ckpt_6.read_param(("layers_0", "mlp", "up_proj", "kernel"))
+    with pytest.raises(ValueError, match=r"checkpoints/6/state holds non-finite values in "
+                                         r"params/layers_1/mlp/up_proj/kernel"):
+        ckpt_6.params_tree()
