@@ -155,8 +155,12 @@ def lm_head_weight(params: dict[str, Any], cfg: ModelConfig) -> jnp.ndarray:
     return params["lm_head"]["kernel"]
 
 
+def init_boxed(cfg: ModelConfig, rng: jax.Array) -> dict[str, Any]:
+    """Fresh variables with their logical axis names (what sharding rules read)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return dict(Decoder(cfg).init({"params": rng}, tokens, tokens, tokens + 1))
+
+
 def init_variables(cfg: ModelConfig, rng: jax.Array) -> dict[str, Any]:
     """Fresh, unboxed variables: {"params": ...} plus {"lora": ...} when cfg.lora_rank > 0."""
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    variables = Decoder(cfg).init({"params": rng}, tokens, tokens, tokens + 1)
-    return nn.meta.unbox(dict(variables))
+    return nn.meta.unbox(init_boxed(cfg, rng))

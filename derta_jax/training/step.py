@@ -34,7 +34,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from derta_jax.models.config import ModelConfig
-from derta_jax.models.decoder import Decoder, init_variables, lm_head_weight
+from derta_jax.models.decoder import Decoder, init_boxed, init_variables, lm_head_weight
 from derta_jax.training import loss as loss_lib
 from derta_jax.training import sharding as shd
 from derta_jax.training.loss import LossConfig
@@ -43,7 +43,6 @@ from derta_jax.training.optimizer import OptimizerConfig, make_optimizer
 State = dict[str, Any]
 Batch = Mapping[str, jax.Array]
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "rto_mask", "segment_ids", "positions")
-TrainStep = Callable[[State, Batch, jax.Array], tuple[State, dict[str, jax.Array]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +71,7 @@ def _create_state(rng: jax.Array, params: Any | None, *, cfg: ModelConfig,
 def _state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation,
                      mesh: Mesh) -> tuple[State, State]:
     """(abstract state, NamedSharding per leaf) from jax.eval_shape of the init functions."""
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    boxed = jax.eval_shape(lambda r: Decoder(cfg).init({"params": r}, tokens, tokens, tokens + 1),
-                           jax.random.PRNGKey(0))
+    boxed = jax.eval_shape(functools.partial(init_boxed, cfg), jax.random.PRNGKey(0))
     var_shardings = shd.logical_shardings(boxed, mesh)
     abstract = jax.eval_shape(functools.partial(_create_state, params=None, cfg=cfg, tx=tx),
                               jax.random.PRNGKey(0))
