@@ -5,7 +5,8 @@
 
 The tokenizer is taken from the checkpoint (the HF folder's tokenizer files, or the GGUF
 metadata); `--tokenizer DIR` gives it from another folder. Safetensors are streamed one tensor
-at a time; pickle weights are refused.
+at a time; pickle weights are refused. No code from the checkpoint's folder is ever run.
+A user error (bad input file, missing path) is one line on stderr, exit code 2.
 """
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ import time
 
 import jax
 import numpy as np
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from derta_jax.checkpoints.gguf import load_gguf
 from derta_jax.checkpoints.hf import load_hf
-from derta_jax.checkpoints.model_dir import save_model_dir
+from derta_jax.checkpoints.model_dir import TOKENIZER_FILES, load_tokenizer, save_model_dir
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -38,17 +39,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _hf_tokenizer(folder: pathlib.Path) -> PreTrainedTokenizerBase:
-    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
-                                                "tokenizer.model")):
-        raise ValueError(f"{folder} has no tokenizer files (tokenizer.json / tokenizer_config.json);"
-                         " pass --tokenizer DIR")
-    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    if not any((folder / f).exists() for f in TOKENIZER_FILES):
+        raise ValueError(f"{folder} has no tokenizer files ({' / '.join(TOKENIZER_FILES)}); "
+                         "pass --tokenizer DIR")
+    return load_tokenizer(folder)
 
 
 def main(argv: list[str] | None = None) -> pathlib.Path:
     args = _parse(argv)
     start = time.perf_counter()
     if args.hf is not None:
+        if not args.hf.is_dir():
+            raise ValueError(f"Hugging Face folder not found: {args.hf}")
         tokenizer = _hf_tokenizer(args.tokenizer or args.hf)
         cfg, params = load_hf(args.hf, dtype=args.dtype)
     else:
@@ -66,5 +68,6 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # a user error: one line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

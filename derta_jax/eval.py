@@ -248,6 +248,6 @@ def main(argv: list[str] | None = None) -> Any:
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as e:  # a user error: one line, exit code 2
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # a user error: one line
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -8,7 +8,8 @@ Writes config.json, generation_config.json, model-0000x-of-0000y.safetensors wit
 model.safetensors.index.json and the tokenizer files, loadable with
 AutoModelForCausalLM/AutoTokenizer.from_pretrained; with --peft-adapter, adapter_config.json and
 adapter_model.safetensors for `peft.PeftModel.from_pretrained(<the original HF model>, DIR)`.
-Tensors are read and written one at a time.
+Tensors are read and written one at a time. A user error (bad flag value, missing path, params
+that disagree with the model config) is one line on stderr, exit code 2.
 """
 from __future__ import annotations
 
@@ -61,5 +62,6 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # a user error: one line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -47,15 +47,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def read_prompts(path: pathlib.Path) -> list[str]:
-    prompts = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f'{path}:{n}: expected an object with a string "prompt"')
-            prompts.append(record["prompt"])
+    """The "prompt" of each object of a JSON-lines file (or JSON array); errors name the line."""
+    prompts = [row["prompt"] for row in tasks.read_jsonl(path, ("prompt",))]
     if not prompts:
         raise ValueError(f"{path} holds no prompts")
     return prompts
@@ -91,6 +84,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as e:  # a user error: one line, exit code 2
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # a user error: one line
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

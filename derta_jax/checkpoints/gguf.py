@@ -16,12 +16,13 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from gguf import GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from tqdm import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from derta_jax.checkpoints.hf import TreeBuilder, check_tensors
+from derta_jax.checkpoints.model_dir import load_tokenizer
 from derta_jax.checkpoints.names import Params, TensorSpec, hf_tensor_specs
 from derta_jax.models.config import ModelConfig
 
@@ -80,6 +81,37 @@ def gguf_tensor_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
     return specs
 
 
+class _SizedReader(GGUFReader):
+    """A GGUFReader that maps the tensors only when the file holds them all: `expected_size` is
+    where the last tensor ends (data start + its offset + its bytes)."""
+
+    expected_size: int
+
+    def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
+        ends = [start_offs]
+        for field in fields:  # parts: name length, name, n_dims, dims, type, offset
+            _, _, _, dims, raw_type, offset = field.parts
+            block, size = GGML_QUANT_SIZES[GGMLQuantizationType(raw_type[0])]
+            ends.append(start_offs + int(offset[0]) + int(np.prod(dims)) * size // block)
+        self.expected_size = max(ends)
+        if self.expected_size <= len(self.data):
+            super()._build_tensors(start_offs, fields)
+
+
+def _open_reader(path: pathlib.Path) -> GGUFReader:
+    """Reads a GGUF file's header and maps its tensors; a cut or damaged file is a ValueError
+    naming it (a truncated one with the expected and actual sizes)."""
+    try:
+        reader = _SizedReader(path)
+    except (ValueError, IndexError, KeyError) as e:  # gguf's errors on a cut or damaged header
+        raise ValueError(f"{path} is not a readable GGUF file (damaged or truncated header, "
+                         f"{path.stat().st_size} bytes): {type(e).__name__}: {e}") from e
+    if reader.expected_size > len(reader.data):
+        raise ValueError(f"{path} is truncated: its tensors need {reader.expected_size} bytes, "
+                         f"the file has {len(reader.data)}")
+    return reader
+
+
 def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
     field = reader.fields.get(key)
     return default if field is None else field.contents()
@@ -122,21 +154,22 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", progress: bool = 
               ) -> tuple[ModelConfig, Params, PreTrainedTokenizerBase]:
     """Reads a llama GGUF file: (ModelConfig with `param_dtype=dtype`, canonical tree, tokenizer).
 
-    The params are numpy arrays in `dtype`; names and shapes are checked before dequantising.
+    The params are numpy arrays in `dtype`; the file's size and the tensor names and shapes are
+    checked, and the tokenizer read, before dequantising.
     """
     path = pathlib.Path(path)
     if not path.is_file():
         raise ValueError(f"GGUF file not found: {path}")
-    reader = GGUFReader(path)
+    reader = _open_reader(path)
     cfg = gguf_config(reader, path, param_dtype=dtype)
     specs = gguf_tensor_specs(cfg)
     # GGUF shapes are in ggml order (fastest axis first): reversed, they are numpy's [out, in].
     found = {t.name: (path.name, tuple(int(n) for n in reversed(t.shape))) for t in reader.tensors}
     check_tensors(specs, found, cfg, str(path))
+    tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
     builder = TreeBuilder(cfg, dtype)
     for tensor in tqdm(reader.tensors, desc=f"dequantising {path.name}", unit="tensor",
                        disable=not progress):
         array = dequantize(tensor.data, tensor.tensor_type)
         builder.add(specs[tensor.name], array)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return cfg, builder.params, tokenizer

@@ -18,10 +18,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from derta_jax.checkpoints.names import check_params
 from derta_jax.models.config import ModelConfig
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
 
 
 def save_model_dir(out: str | os.PathLike, cfg: ModelConfig, params: Any | None,
@@ -75,7 +77,8 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
 
 def load_model_dir(path: str | os.PathLike, dtype: str | None = None,
                    shardings: Any = None) -> tuple[ModelConfig, Any]:
-    """Restores (cfg, params) from a model dir as jax arrays.
+    """Restores (cfg, params) from a model dir as jax arrays; params that differ from the
+    config are refused, naming the first differing tensor.
 
     dtype: cast every parameter on restore (float32 | bfloat16); None keeps the stored dtypes.
       The returned cfg then has `param_dtype=dtype`.
@@ -87,6 +90,9 @@ def load_model_dir(path: str | os.PathLike, dtype: str | None = None,
     params_dir = _require(path, PARAMS_DIR, "the Orbax parameter checkpoint")
     checkpointer = ocp.StandardCheckpointer()
     stored = checkpointer.metadata(params_dir).item_metadata.tree
+    leaves, _ = jax.tree_util.tree_flatten_with_path(stored)
+    check_params({tuple(str(k.key) for k in keys): tuple(meta.shape) for keys, meta in leaves},
+                 cfg, str(params_dir))
     if shardings is None:
         shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     if isinstance(shardings, jax.sharding.Sharding):
@@ -101,8 +107,20 @@ def load_model_dir(path: str | os.PathLike, dtype: str | None = None,
     return cfg, params
 
 
-def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    """The tokenizer saved in a model dir (never runs remote code)."""
+def load_tokenizer(path: str | os.PathLike, gguf_file: str | None = None
+                   ) -> PreTrainedTokenizerBase:
+    """The tokenizer files of a folder (a model dir, a Hugging Face checkpoint), or the tokenizer
+    in the GGUF file `path/gguf_file`. Every tokenizer load goes through here: it never runs code
+    from the folder (a tokenizer_config.json `auto_map` is refused) and never asks on stdin."""
     path = pathlib.Path(path)
-    _require(path, "tokenizer_config.json", "the tokenizer files")
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    if gguf_file is None and not any((path / f).exists() for f in TOKENIZER_FILES):
+        raise ValueError(f"{path} has no tokenizer files ({' / '.join(TOKENIZER_FILES)})")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file,
+                                             trust_remote_code=False)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ValueError(f"{path}: tokenizer_config.json maps the tokenizer to code in the folder "
+                         "(auto_map), which derta_jax never runs; use standard tokenizer files "
+                         "(tokenizer.json)") from None

@@ -86,6 +86,25 @@ def canonical_shapes(cfg: ModelConfig) -> dict[ParamPath, tuple[int, ...]]:
     return shapes
 
 
+def check_params(found: dict[ParamPath, tuple[int, ...]], cfg: ModelConfig, where: str) -> None:
+    """Refuses stored tensors (canonical path -> shape) that are not `cfg`'s canonical tree,
+    naming the first differing path: missing or of another shape (in tree order), then extra."""
+    expected = canonical_shapes(cfg)
+    for path, shape in expected.items():
+        if path not in found:
+            raise ValueError(f"{where} has no tensor for {'/'.join(path)} (model_type="
+                             f"{cfg.model_type!r}, num_layers={cfg.num_layers}); is it a "
+                             "checkpoint of this model config?")
+        if found[path] != shape:
+            raise ValueError(f"tensor {'/'.join(path)} in {where} has shape {list(found[path])}, "
+                             f"expected {list(shape)} from the model config")
+    extra = sorted(set(found) - set(expected))
+    if extra:
+        raise ValueError(f"{where} has tensor {'/'.join(extra[0])} {list(found[extra[0]])}, which "
+                         f"the model config does not have (num_layers={cfg.num_layers}, "
+                         f"tie_word_embeddings={cfg.tie_word_embeddings})")
+
+
 def _same(x: np.ndarray) -> np.ndarray:
     return x
 

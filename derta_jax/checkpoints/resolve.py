@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
-from derta_jax.checkpoints.names import ParamPath, canonical_shapes, set_leaf
+from derta_jax.checkpoints.names import ParamPath, canonical_shapes, check_params, set_leaf
 from derta_jax.checkpoints.model_dir import CONFIG_FILE, PARAMS_DIR, load_config
 from derta_jax.models.config import ModelConfig
 
@@ -229,6 +229,22 @@ def _locate(canonical: ParamPath, prefix: ParamPath, leaves: dict[ParamPath, Any
     return None
 
 
+def _canonical_shapes_found(leaves: dict[ParamPath, Any], prefix: ParamPath
+                            ) -> dict[ParamPath, tuple[int, ...]]:
+    """Canonical path -> shape of the stored tensors under `prefix` (a `scan_layers` stack split
+    into its layers)."""
+    found = {}
+    for leaf, meta in leaves.items():
+        if leaf[:len(prefix)] != prefix:
+            continue
+        path, shape = leaf[len(prefix):], tuple(meta.shape)
+        if path[:1] == ("layers",):
+            found.update({(f"layers_{i}",) + path[1:]: shape[1:] for i in range(shape[0])})
+        else:
+            found[path] = shape
+    return found
+
+
 def _locate_all(paths: list[ParamPath], prefix: ParamPath, leaves: dict[ParamPath, Any],
                 item_dir: pathlib.Path, cfg: ModelConfig) -> dict[ParamPath, StoredTensor]:
     found = {}
@@ -245,12 +261,9 @@ def _locate_all(paths: list[ParamPath], prefix: ParamPath, leaves: dict[ParamPat
 def _resolve(cfg: ModelConfig, tokenizer_dir: pathlib.Path, item_dir: pathlib.Path, kind: str,
              step: int | None, prefix: ParamPath, lora_prefix: ParamPath | None) -> Checkpoint:
     leaves, use_ocdbt, use_zarr3 = _stored_leaves(item_dir)
+    check_params(_canonical_shapes_found(leaves, prefix), cfg, str(item_dir))
     shapes = canonical_shapes(cfg)
     params = _locate_all(list(shapes), prefix, leaves, item_dir, cfg)
-    for path, stored in params.items():
-        if stored.shape != shapes[path]:
-            raise ValueError(f"tensor {'/'.join(path)} in {item_dir} has shape "
-                             f"{list(stored.shape)}, expected {list(shapes[path])} from the model config")
     lora = {}
     if lora_prefix is not None and cfg.lora_rank > 0:
         adapters = [p[:-1] + (name,) for p in shapes

@@ -47,13 +47,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = _parser().parse_args(argv)
-    tokenizer = None
-    if args.tokenizer:
-        import transformers  # heavy: only when asked for
-        tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer)
     safety = pipeline.DEMO_SAFETY if args.safety == "demo" else args.safety
     helpful = pipeline.DEMO_HELPFUL if args.helpful == "demo" else args.helpful
     try:
+        tokenizer = None
+        if args.tokenizer:
+            from derta_jax.checkpoints.model_dir import load_tokenizer  # heavy: only when asked for
+            tokenizer = load_tokenizer(args.tokenizer)
         recs = pipeline.mixture_records(
             args.recipe, safety, helpful, tokenizer, args.template, args.cut, args.seed,
             args.skip_invalid, args.eos_text,

@@ -117,8 +117,13 @@ def answers_kind(path: str | os.PathLike) -> str:
 def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ("question",)) -> list[dict]:
     """Reads JSON lines (blank lines skipped) or one JSON array of objects; errors name the
     file, the line and the reason."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x})") from None
     items = _array_items(path, text) if text.lstrip().startswith("[") else _line_items(path, text)
     for lineno, row in items:
         if not isinstance(row, dict):

@@ -48,4 +48,4 @@ def test_cli_converts_with_a_progress_bar_and_refuses_pickle(hf_checkpoint, llam
     run = subprocess.run([sys.executable, "-m", "derta_jax.convert", "--hf", str(tmp_path / "hf"),
                           "--out", str(tmp_path / "m2")], capture_output=True, text=True, env=env,
                          timeout=120)
-    assert run.returncode == 1 and "safetensors or GGUF only" in run.stderr
+    assert run.returncode == 2 and "safetensors or GGUF only" in run.stderr

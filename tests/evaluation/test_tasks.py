@@ -78,6 +78,13 @@ def test_read_jsonl_errors_name_file_and_line(tmp_path):
         tasks.load_test_set(path)
 
 
+def test_non_utf8_test_file_names_file_and_line(tmp_path):
+    path = tmp_path / "safety_pair.jsonl"
+    path.write_bytes(b'{"question": "q"}\n\n{"question": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"safety_pair\.jsonl:3: not UTF-8 text \(byte 0xe9\)"):
+        tasks.load_test_set(path)
+
+
 def test_json_array_files_are_read_with_line_numbers(tmp_path):
     path = tmp_path / "helpfulness_gsm8k_2.json"  # the official files: one JSON array
     path.write_text('[\n  {"question": "1+1?", "answer": "#### 2"},\n  {"question": "2+2?",\n'

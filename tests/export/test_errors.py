@@ -54,21 +54,29 @@ def test_paths_that_are_not_our_checkpoints_say_what_they_are(hf_checkpoint, mod
     other = fake_workdir(tmp_path / "other", model_dir("llama"), [])
     ocp.PyTreeCheckpointer().save(other / "checkpoints" / "4" / "state",
                                   {"params": {"w": np.zeros(3, np.float32)}})
-    with pytest.raises(ValueError, match=r"has no tensor for params/embed_tokens/embedding"):
+    with pytest.raises(ValueError,
+                       match=r"checkpoints/4/state has no tensor for embed_tokens/embedding"):
         resolve_checkpoint(other)
     broken = fake_workdir(tmp_path / "broken", model_dir("llama"), [7])
     with pytest.raises(ValueError, match=r"checkpoints/7/state is not a readable Orbax checkpoint"):
         resolve_checkpoint(broken)
 
 
-def test_shape_disagreeing_with_the_config_is_named(model_dir, tmp_path):
+@pytest.mark.parametrize("change, message", [
+    ({"intermediate_size": 40}, r"layers_0/mlp/gate_proj/kernel .* has shape \[32, 48\], "
+                                r"expected \[32, 40\]"),
+    ({"num_layers": 1}, r"params has tensor layers_1/attn/k_proj/kernel \[32, 2, 8\], which the "
+                        r"model config does not have"),
+    ({"tie_word_embeddings": True}, r"params has tensor lm_head/kernel \[32, 96\], which the model "
+                                    r"config does not have"),
+])
+def test_params_disagreeing_with_the_config_name_the_first_tensor(model_dir, tmp_path, change,
+                                                                  message):
     md = tmp_path / "md"
     shutil.copytree(model_dir("llama"), md)
     config = json.loads((md / "model_config.json").read_text())
-    config["intermediate_size"] = 40
-    (md / "model_config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"layers_0/mlp/gate_proj/kernel .* has shape \[32, 48\], "
-                                         r"expected \[32, 40\]"):
+    (md / "model_config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ValueError, match=message):
         resolve_checkpoint(md)
 
 
@@ -96,11 +104,15 @@ def test_non_empty_output_needs_overwrite(model_dir, tmp_path):
     assert (out / "model-00001-of-00001.safetensors").exists()
 
 
-def test_cli_prints_the_error_and_exits_nonzero(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "derta_jax.export", "--checkpoint",
-                           str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert proc.returncode == 1
-    assert proc.stderr.strip().endswith("is not a derta_jax checkpoint: it does not exist")
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint", "{tmp}/nowhere"], "is not a derta_jax checkpoint: it does not exist"),
+    (["--checkpoint", "{md}", "--dtype", "float16"], "unsupported dtype 'float16'"),
+])
+def test_cli_user_errors_are_one_line_exit_2(model_dir, tmp_path, args, message):
+    args = [a.format(tmp=tmp_path, md=model_dir("llama")) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "derta_jax.export", *args,
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
