@@ -8,7 +8,9 @@
     plan = loader.make_plan(examples, batch_size, seq_len, seed, epochs=2)  # examples per step
     it = loader.make_loader(examples, plan, seed)                        # get_state/set_state
 
-Modules: records (JSON-lines validation), sources (TFDS builders), templates, recipe (the official
-rules), refusal, tokenize (masks, BOS, truncation), packing, loader (grain), pipeline (one call),
-build (`python -m derta_jax.data.build`), demo/ (demo data and its generator).
+Modules: records (sources: JSON lines or `datasets`, flat or multi-turn rows, validated), sources
+(TFDS builders), templates, recipe (the official rules), refusal, tokenize (masks, BOS,
+truncation), packing, loader (grain), pipeline (one call), inspect (`python -m
+derta_jax.data.inspect`), build (`python -m derta_jax.data.build`), demo/ (demo data and its
+generator).
 """

@@ -5,7 +5,8 @@
         tokenizer, recipe="derta", safety=pipeline.DEMO_SAFETY, helpful=pipeline.DEMO_HELPFUL,
         rto_count=100, prefix_count=100, max_length=256, template="chat", cut="word")
 
-`mixture_records` is the one path from files to records: `python -m derta_jax.data.build` writes
+`mixture_records` is the one path from sources (JSON lines, Hugging Face `datasets` files, folders
+and hub names: `records.Source`) to records: `python -m derta_jax.data.build` writes
 its records and `training_examples` tokenises them, so both give the same records from the same
 arguments (the base template's eos is `eos_text`, the official literal by default, never the
 tokenizer's eos).
@@ -19,6 +20,7 @@ from typing import Any
 
 from derta_jax.data import records as records_mod
 from derta_jax.data.recipe import DertaRecord, build_mixture
+from derta_jax.data.records import Source
 from derta_jax.data.refusal import DEFAULT_REFUSAL, refusal_token_id
 from derta_jax.data.templates import OFFICIAL_EOS, make_template
 from derta_jax.data.tokenize import BuildStats, TokenizedExample, build_examples
@@ -31,32 +33,37 @@ DEMO_HELPFUL = DEMO_DIR / "helpful.jsonl"
 DEMO_EVAL_DIR = DEMO_DIR / "eval"
 
 
-def mixture_records(recipe: str, safety: str | os.PathLike, helpful: str | os.PathLike,
+def mixture_records(recipe: str, safety: Source | str | os.PathLike,
+                    helpful: Source | str | os.PathLike,
                     tokenizer: Any = None, template: str = "base", cut: str = "word", seed: int = 0,
                     skip_invalid: bool = False, eos_text: str = OFFICIAL_EOS,
-                    **counts: int | None) -> list[DertaRecord]:
-    """Reads and validates both files, then builds the recipe's `{prefix, text, safe}` records.
+                    assistant_turns: str = "all", **counts: int | None) -> list[DertaRecord]:
+    """Reads and validates both sources, then builds the recipe's `{prefix, text, safe}` records.
 
+    `safety`, `helpful`: a path or hub name, or a `records.Source` (split, revision, columns).
     `tokenizer`: only for template="chat". `eos_text`: the base template's eos string.
+    `assistant_turns`: all | last, the assistant turns of multi-turn rows that carry loss.
     `counts`: helpful_count, rto_count, prefix_count, vanilla_count (None or -1 = official).
     """
-    triples, safety_report = records_mod.read_jsonl(safety, "safety", skip_invalid)
-    pairs, helpful_report = records_mod.read_jsonl(helpful, "helpful", skip_invalid)
+    triples, safety_report = records_mod.read_rows(safety, "safety", skip_invalid)
+    pairs, helpful_report = records_mod.read_rows(helpful, "helpful", skip_invalid)
     log.info("read %s; %s", safety_report, helpful_report)
-    return build_mixture(recipe, triples, pairs, make_template(template, tokenizer, eos_text), seed,
-                         cut, **counts)
+    return build_mixture(recipe, triples, pairs,
+                         make_template(template, tokenizer, eos_text, assistant_turns), seed, cut,
+                         **counts)
 
 
 def training_examples(tokenizer: Any, recipe: str = "derta",
-                      safety: str | os.PathLike = DEMO_SAFETY,
-                      helpful: str | os.PathLike = DEMO_HELPFUL, max_length: int = 1024,
+                      safety: Source | str | os.PathLike = DEMO_SAFETY,
+                      helpful: Source | str | os.PathLike = DEMO_HELPFUL, max_length: int = 1024,
                       refusal_token: str = DEFAULT_REFUSAL, template: str = "base",
                       cut: str = "word", seed: int = 0, add_bos: bool | None = None,
                       skip_invalid: bool = False, eos_text: str = OFFICIAL_EOS,
-                      **counts: int | None) -> tuple[list[TokenizedExample], BuildStats]:
-    """Files -> tokenised examples ready for the loader, and the build counts."""
+                      assistant_turns: str = "all", **counts: int | None
+                      ) -> tuple[list[TokenizedExample], BuildStats]:
+    """Sources -> tokenised examples ready for the loader, and the build counts."""
     recs = mixture_records(recipe, safety, helpful, tokenizer, template, cut, seed, skip_invalid,
-                           eos_text, **counts)
+                           eos_text, assistant_turns, **counts)
     if template == "base":
         _warn_if_not_one_token(tokenizer, eos_text)
     refusal_id = refusal_token_id(tokenizer, refusal_token)

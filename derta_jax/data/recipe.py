@@ -27,13 +27,18 @@ safe response, as in the word cut). At tokenisation the first k tokens of `harmf
 prefix, with k uniform in [0, |r̂|] re-drawn every epoch from the run's seed (see `tokenize.py`,
 `loader.py`). It uses the same triples as the word cut (>= 3 words) and no every-third rule
 (k = 0 already has probability 1 / (|r̂| + 1)).
+
+Multi-turn rows (`messages`, chat template): T(q) is the conversation before the last assistant
+turn (`Template.conversation`), so the responses, the harmful prefix and the RTO positions all sit
+in the last assistant turn; with `Template.all_turns` each record also carries the character
+spans of the earlier assistant turns (`DertaRecord.turns`), which carry plain MLE loss.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import random
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from derta_jax.data.templates import Template, base_template
 
@@ -78,29 +83,50 @@ class DertaRecord:
     safe: bool
     harmful: str = ""  # cut="token" only: the harmful response whose first k tokens join the prefix
     cut_text: str = ""  # cut="token", when it differs from `text`: the text after k > 0 of them
+    # multi-turn: [start, end) character spans of `prefix` that carry loss too (earlier assistant
+    # turns; templates.Template.conversation); never RTO
+    turns: tuple[tuple[int, int], ...] = ()
 
-    def to_json(self) -> dict[str, str]:
+    def to_json(self) -> dict[str, Any]:
         """The official file's shape (`safe` as the strings "true"/"false"), plus the token-cut
-        fields when set (the official code ignores them)."""
-        d = {"prefix": self.prefix, "text": self.text, "safe": "true" if self.safe else "false"}
+        and multi-turn fields when set (the official code ignores them)."""
+        d: dict[str, Any] = {"prefix": self.prefix, "text": self.text, "safe": "true" if self.safe else "false"}
         d.update({k: v for k, v in (("harmful", self.harmful), ("cut_text", self.cut_text)) if v})
+        if self.turns:
+            d["turns"] = [list(span) for span in self.turns]
         return d
 
     @classmethod
-    def from_json(cls, d: Mapping[str, str]) -> "DertaRecord":
+    def from_json(cls, d: Mapping[str, Any]) -> "DertaRecord":
         """The inverse of `to_json` (an official file's line too)."""
         return cls(d["prefix"], d["text"], d["safe"] == "true", d.get("harmful", ""),
-                   d.get("cut_text", ""))
+                   d.get("cut_text", ""), tuple(tuple(span) for span in d.get("turns", ())))
+
+
+def _prompt(template: Template, row: Mapping[str, Any], query_key: str) -> tuple[str, tuple]:
+    """A row's prompt and loss spans: a flat row's query, or a chat's conversation so far."""
+    if "messages" not in row:
+        return template.prompt(row[query_key]), ()
+    try:
+        return template.conversation(row["messages"])
+    except ValueError as e:
+        raise ValueError(f"{row['id']}: {e}") from None
 
 
 def helpful_records(pairs: Sequence[dict], template: Template) -> list[DertaRecord]:
-    return [DertaRecord(template.prompt(p["instruction"]), template.response(p["output"]), False)
-            for p in pairs]
+    out = []
+    for p in pairs:
+        prompt, turns = _prompt(template, p, "instruction")
+        out.append(DertaRecord(prompt, template.response(p["output"]), False, turns=turns))
+    return out
 
 
 def rto_records(triples: Sequence[dict], template: Template) -> list[DertaRecord]:
-    return [DertaRecord(template.prompt(t["query"]), template.response(t["harmful_response"]), True)
-            for t in triples]
+    out = []
+    for t in triples:
+        prompt, turns = _prompt(template, t, "query")
+        out.append(DertaRecord(prompt, template.response(t["harmful_response"]), True, turns=turns))
+    return out
 
 
 def _cut_words(triples: Sequence[dict], seed: int) -> list[tuple[int, list[str], int]]:
@@ -125,22 +151,25 @@ def harmful_prefix_records(triples: Sequence[dict], template: Template, seed: in
     out = []
     for index, words, i in _cut_words(triples, seed):
         t = triples[index]
+        prompt, turns = _prompt(template, t, "query")
         if cut == "word":
-            prefix, lead = template.harmful_prefix(t["query"], words, i)
-            out.append(DertaRecord(prefix, lead + t["safe_response"] + template.eos, False))
+            prefix, lead = template.harmful_prefix(prompt, words, i)
+            out.append(DertaRecord(prefix, lead + t["safe_response"] + template.eos, False, turns=turns))
         else:
             text = template.response(t["safe_response"])
             joined = " " + t["safe_response"] + template.eos
-            out.append(DertaRecord(template.prompt(t["query"]), text, False,
-                                   harmful=template.lead + t["harmful_response"],
-                                   cut_text="" if joined == text else joined))
+            out.append(DertaRecord(prompt, text, False, harmful=template.lead + t["harmful_response"],
+                                   cut_text="" if joined == text else joined, turns=turns))
     return out
 
 
 def vanilla_records(triples: Sequence[dict], template: Template) -> list[DertaRecord]:
-    kept = [triples[index] for index, _, _ in _cut_words(triples, seed=0)]
-    return [DertaRecord(template.prompt(t["query"]), template.response(t["safe_response"]), False)
-            for t in kept]
+    out = []
+    for index, _, _ in _cut_words(triples, seed=0):
+        prompt, turns = _prompt(template, triples[index], "query")
+        out.append(DertaRecord(prompt, template.response(triples[index]["safe_response"]), False,
+                               turns=turns))
+    return out
 
 
 def _is_official(count: int | None) -> bool:

@@ -1,16 +1,31 @@
-"""JSON-lines input files, validated line by line.
+"""Input rows (JSON lines or Hugging Face `datasets`), validated row by row.
 
-Three kinds of file:
+Three kinds of rows:
 
 - `safety`: triples `{query, harmful_response, safe_response}`; the official BeaverTails-derived
   release writes them as `{instruction, output, safe_response}`, accepted too.
 - `helpful`: pairs `{instruction, output}` (the official WizardLM-uncensored files).
 - `eval`: `{question}` with an optional `answer` (string or number, kept as a string).
 
-A bad line (not JSON, not an object, a missing, empty or non-string field, both spellings of one
-field) raises `ValueError` naming the file, the line number and the reason. With
-`skip_invalid=True` it is skipped instead and counted by reason in the returned `ReadReport`,
-which is also logged. Blank lines are ignored. Extra keys are ignored.
+Safety and helpful rows can instead be multi-turn chats: `messages`, a list of `{role, content}`
+(roles system, user, assistant). A helpful chat ends with the assistant turn it trains; a safety
+chat ends with the harmful user turn and keeps `harmful_response` and `safe_response` (the two
+versions of the last assistant turn). Such rows come back as `{messages, output}` (helpful: the
+last assistant content, the messages before it) or `{messages, harmful_response, safe_response}`,
+plus `id` (file:line or dataset row) for the errors of the chat template that renders them.
+
+A `Source` is a JSON-lines file (read here, line by line), a parquet, arrow or JSON file (`.json`:
+lines or one array), a dataset folder (`save_to_disk`, or a folder of data files) or a Hugging
+Face hub name with a split and revision; all but the first are read with the `datasets` library,
+imported only then. `Source.columns` maps our fields to the dataset's columns
+(`"query=prompt,safe_response=chosen"`); unmapped fields take their usual spellings.
+
+A bad row (not UTF-8, not JSON, not an object, a missing, empty or non-string field, both
+spellings of one field) raises `ValueError` naming the file or dataset, the line (JSON lines) or
+row index (`dataset[i]`) and the reason. With `skip_invalid=True` it is skipped instead and
+counted by reason in the returned `ReadReport`, which is also logged. Blank lines are ignored.
+Extra keys are ignored. A dataset with no column for a field is an error naming the field, the
+column(s) looked for and the columns it has.
 """
 from __future__ import annotations
 
@@ -19,7 +34,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +45,45 @@ FIELDS: dict[str, dict[str, tuple[str, ...]]] = {
     "helpful": {"instruction": ("instruction",), "output": ("output",)},
     "eval": {"question": ("question",)},
 }
+ROLES = ("system", "user", "assistant")
+# kind -> the fields a multi-turn row has besides `messages` (read as FIELDS spells them)
+CHAT_FIELDS = {"safety": ("harmful_response", "safe_response"), "helpful": ()}
+# file suffix -> the `datasets` builder that reads it; any other file is JSON lines, read here
+DATASET_FILES = {".parquet": "parquet", ".arrow": "arrow", ".json": "json"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where one kind of rows comes from (see the module docstring)."""
+
+    path: str  # JSON-lines file | parquet/arrow/json file | dataset folder | hub name
+    split: str = "train"  # dataset folders with splits and hub names only
+    revision: str = ""  # hub names only: a branch, tag or commit; '' = the default branch
+    columns: str = ""  # "field=column,..." (our field -> the dataset's column); '' = none
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", os.fspath(self.path))
+
+
+def parse_columns(spec: str, kind: str) -> dict[str, str]:
+    """`"field=column,..."` -> {field: column}; every field must be one of `kind`'s."""
+    out: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        field, sep, column = (s.strip() for s in item.partition("="))
+        if not sep or not field or not column:
+            raise ValueError(f"{item!r} is not field=column")
+        known = [*FIELDS[kind], *(["messages"] if kind in CHAT_FIELDS else [])]
+        if field not in known:
+            raise ValueError(f"{field!r} is not a {kind} field ({', '.join(known)})")
+        if field in out:
+            raise ValueError(f"{field!r} is mapped twice")
+        out[field] = column
+    return out
 
 
 @dataclasses.dataclass
 class ReadReport:
-    """What reading one file kept and skipped (skipped: reason -> count)."""
+    """What reading one source kept and skipped (skipped: reason -> count)."""
 
     path: str
     kept: int = 0
@@ -50,21 +99,28 @@ class ReadReport:
 
 
 class InvalidLine(ValueError):
-    """One bad line; `reason` is short and line-independent so reports can count by it."""
+    """One bad row; `reason` is short and row-independent so reports can count by it."""
 
-    def __init__(self, path: str, line_no: int, reason: str):
-        super().__init__(f"{path}:{line_no}: {reason}")
+    def __init__(self, where: str, reason: str):
+        super().__init__(f"{where}: {reason}")
         self.reason = reason
 
 
-def parse_record(obj: Any, kind: str) -> dict[str, str]:
-    """Validates one decoded JSON value of `kind`; returns it with our field names."""
+def parse_record(obj: Any, kind: str, columns: dict[str, str] | None = None) -> dict[str, Any]:
+    """Validates one decoded row of `kind`; returns it with our field names.
+
+    `columns`: {field: the one key to read it from}, replacing the field's usual spellings.
+    """
     if kind not in FIELDS:
         raise ValueError(f"unknown record kind {kind!r}; known: {', '.join(FIELDS)}")
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    out = {}
-    for name, spellings in FIELDS[kind].items():
+    chat = _is_chat(kind, columns, obj)
+    out: dict[str, Any] = {}
+    for name, spellings in _spellings(kind, columns, chat).items():
+        if name == "messages":
+            out.update(_chat(obj[spellings[0]], kind))
+            continue
         present = [s for s in spellings if s in obj]
         if not present:
             raise ValueError(f"missing field {' or '.join(repr(s) for s in spellings)}")
@@ -84,33 +140,156 @@ def parse_record(obj: Any, kind: str) -> dict[str, str]:
     return out
 
 
+def _messages_key(columns: dict[str, str] | None) -> str:
+    return (columns or {}).get("messages", "messages")
+
+
+def _is_chat(kind: str, columns: dict[str, str] | None, row: Any) -> bool:
+    """A multi-turn row: its kind has them and its messages key holds a value (not null)."""
+    return kind in CHAT_FIELDS and row.get(_messages_key(columns)) is not None
+
+
+def _spellings(kind: str, columns: dict[str, str] | None, chat: bool = False
+               ) -> dict[str, tuple[str, ...]]:
+    """{field: the keys it may be read from} of a flat or multi-turn row of `kind`."""
+    columns = columns or {}
+    fields = FIELDS[kind]
+    if chat:
+        fields = {"messages": ("messages",), **{f: fields[f] for f in CHAT_FIELDS[kind]}}
+    return {name: (columns[name],) if name in columns else spellings
+            for name, spellings in fields.items()}
+
+
+def _chat(messages: Any, kind: str) -> dict[str, Any]:
+    """A validated `messages` list as a row's chat fields (see the module docstring)."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"field 'messages' is {type(messages).__name__}, expected a non-empty list")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} is not {{role: {' | '.join(ROLES)}, content: string}}")
+        if m["role"] != "system" and not m["content"].strip():
+            raise ValueError(f"message {i} ({m['role']}) is empty")
+        out.append({"role": m["role"], "content": m["content"]})
+    ends = ("user", "assistant") if kind == "helpful" else ("user",)
+    if [m["role"] for m in out[-len(ends):]] != list(ends):
+        raise ValueError(f"a {kind} chat ends with {' then '.join(ends)} turns"
+                         + (" (harmful_response, safe_response answer it)" if kind == "safety" else ""))
+    if kind == "helpful":
+        return {"messages": out[:-1], "output": out[-1]["content"]}
+    return {"messages": out}
+
+
+def read_rows(source: Source | str | os.PathLike, kind: str, skip_invalid: bool = False
+              ) -> tuple[list[dict[str, Any]], ReadReport]:
+    """All valid rows of a source, in its order, and the report of what was skipped."""
+    if not isinstance(source, Source):
+        source = Source(source)
+    columns = parse_columns(source.columns, kind)
+    if _is_json_lines(source.path):
+        return _validate(_json_lines(source.path, kind), source.path, kind, columns, skip_invalid)
+    dataset = load_dataset(source, kind)
+    _check_columns(dataset.column_names, source.path, kind, columns)
+    return _validate(((f"{source.path}: row {i}", row) for i, row in enumerate(dataset)),
+                     source.path, kind, columns, skip_invalid)
+
+
 def read_jsonl(path: str | os.PathLike, kind: str, skip_invalid: bool = False
                ) -> tuple[list[dict[str, str]], ReadReport]:
     """All valid records of a JSON-lines file, in file order, and the report of what was skipped."""
     path = os.fspath(path)
+    return _validate(_json_lines(path, kind), path, kind, None, skip_invalid)
+
+
+def _is_json_lines(path: str) -> bool:
+    """A local path that is not a dataset (a hub name or a dataset file or folder): JSON lines.
+
+    A path that looks local (a separator or a known suffix) but does not exist is too, so that a
+    typo reads "file not found" rather than a hub lookup."""
+    suffix = os.path.splitext(path)[1].lower()
+    if os.path.isdir(path) or suffix in DATASET_FILES:
+        return False
+    return os.path.isfile(path) or suffix == ".jsonl" or path.startswith((os.sep, ".", "~"))
+
+
+def _json_lines(path: str, kind: str) -> Iterator[tuple[str, Any]]:
+    """(where, decoded value or the ValueError that stops it) of each non-blank line."""
     if not os.path.isfile(path):
         raise ValueError(f"{kind} file not found: {path}")
-    records, report = [], ReadReport(path)
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, ValueError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+                continue
             if not line.strip():
                 continue
             try:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"not valid JSON ({e.msg})") from None
-                records.append(parse_record(obj, kind))
-            except ValueError as e:
-                if not skip_invalid:
-                    raise InvalidLine(path, line_no, str(e)) from None
-                report.skipped[_reason_key(str(e))] += 1
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, ValueError(f"not valid JSON ({e.msg})")
+
+
+def _validate(rows: Iterable[tuple[str, Any]], path: str, kind: str, columns: dict[str, str] | None,
+              skip_invalid: bool) -> tuple[list[dict[str, Any]], ReadReport]:
+    records, report = [], ReadReport(path)
+    for where, obj in rows:
+        try:
+            if isinstance(obj, ValueError):
+                raise obj
+            record = parse_record(obj, kind, columns)
+            if "messages" in record:
+                record["id"] = where
+            records.append(record)
+        except ValueError as e:
+            if not skip_invalid:
+                raise InvalidLine(where, str(e)) from None
+            report.skipped[_reason_key(str(e))] += 1
     report.kept = len(records)
     if report.num_skipped:
-        log.warning("skipped invalid lines: %s", report)
+        log.warning("skipped invalid rows: %s", report)
     return records, report
+
+
+def load_dataset(source: Source, kind: str) -> Any:
+    """The `datasets.Dataset` of a dataset file, folder or hub name; its errors as one ValueError."""
+    import datasets  # only for sources that are not JSON lines
+
+    path, suffix = source.path, os.path.splitext(source.path)[1].lower()
+    try:
+        if os.path.isfile(path):
+            dataset = datasets.load_dataset(DATASET_FILES[suffix], data_files=path, split="train")
+        elif os.path.isdir(path) and _is_saved(path):
+            dataset = datasets.load_from_disk(path)
+        else:
+            dataset = datasets.load_dataset(path, split=source.split, revision=source.revision or None)
+    except (OSError, ValueError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
+        where = f"split {source.split!r}" + (f", revision {source.revision!r}" if source.revision else "")
+        raise ValueError(f"{kind} dataset {path!r} ({where}) could not be loaded: {e}") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        if source.split not in dataset:
+            raise ValueError(f"{kind} dataset {path!r} has no split {source.split!r} "
+                             f"(splits: {', '.join(dataset)})")
+        dataset = dataset[source.split]
+    return dataset
+
+
+def _is_saved(folder: str) -> bool:
+    """A folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
+    return any(os.path.isfile(os.path.join(folder, f)) for f in ("state.json", "dataset_dict.json"))
+
+
+def _check_columns(names: list[str], path: str, kind: str, columns: dict[str, str]) -> None:
+    chat = kind in CHAT_FIELDS and _messages_key(columns) in names
+    for name, spellings in _spellings(kind, columns, chat).items():
+        if not any(s in names for s in spellings):
+            looked = " or ".join(repr(s) for s in spellings)
+            raise ValueError(f"{kind} dataset {path!r} has no column {looked} for {name!r} "
+                             f"(columns: {', '.join(names)}); map one with data.{kind}_columns")
 
 
 def _reason_key(message: str) -> str:
     """Groups messages by reason, dropping the decoder's varying details."""
-    return message.split(" (")[0] if message.startswith("not valid JSON") else message
+    return message.split(" (")[0] if message.startswith(("not valid JSON", "not valid UTF-8")) else message

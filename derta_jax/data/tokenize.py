@@ -26,6 +26,11 @@ Rules (the official `preprocess_function`, plus what it leaves open):
   after k > 0 harmful tokens starts with a joining space, the text after none does not).
   k is drawn by the loader (uniform in [0, max_cut]); `TokenizedExample.length(k)` is the
   example's length for that k before the loader's truncation.
+- Multi-turn records (`DertaRecord.turns`, earlier assistant turns inside the prefix): the
+  prefix up to each span's start and end is tokenised too, and the token counts are the span's
+  labels (`TokenizedExample.turns`), supervised with plain MLE (never RTO). Each such token list
+  must be a prefix of the prefix's tokens, else the boundary is not stable under the tokenizer:
+  an error naming the record and showing its text. The drop rule above looks at the last turn.
 """
 from __future__ import annotations
 
@@ -55,6 +60,7 @@ class TokenizedExample:
     cut_len: int = 0
     max_cut: int = 0
     uncut: np.ndarray | None = None  # token cut: int32 ids with no harmful token (k = 0)
+    turns: tuple[tuple[int, int], ...] = ()  # [start, end) token spans of the prompt with MLE labels
 
     @property
     def is_rto(self) -> bool:
@@ -106,6 +112,7 @@ def build_examples(records: Sequence[DertaRecord], tokenizer: Any, max_length: i
     bos = [tokenizer.bos_token_id] if resolve_add_bos(tokenizer, template_kind, add_bos) else []
     prefixes = _encode(tokenizer, [r.prefix for r in records], bos)
     full = _encode(tokenizer, [r.prefix + r.text for r in records], bos)
+    turns = _turn_spans(records, prefixes, tokenizer, bos)
     cut = [i for i, r in enumerate(records) if r.harmful]
     harmful = dict(zip(cut, _encode(tokenizer, [records[i].harmful for i in cut], [])))
     after = dict(zip(cut, _encode(tokenizer, [records[i].cut_text or records[i].text for i in cut], [])))
@@ -117,9 +124,9 @@ def build_examples(records: Sequence[DertaRecord], tokenizer: Any, max_length: i
             n_cut = len(harmful[i])
             ex = TokenizedExample(np.asarray(prefixes[i] + harmful[i] + after[i], np.int32), p, rid,
                                   n_cut, max(0, min(n_cut, max_length - 1 - p)),
-                                  uncut=np.asarray(full[i][:max_length], np.int32))
+                                  uncut=np.asarray(full[i][:max_length], np.int32), turns=turns[i])
         else:
-            ex = TokenizedExample(np.asarray(full[i][:max_length], np.int32), p, rid)
+            ex = TokenizedExample(np.asarray(full[i][:max_length], np.int32), p, rid, turns=turns[i])
         if min(natural, max_length) - p < 1:
             stats.dropped_no_supervised += 1
             continue
@@ -128,6 +135,21 @@ def build_examples(records: Sequence[DertaRecord], tokenizer: Any, max_length: i
     stats.examples = len(out)
     log.info("tokenised: %s", stats)
     return out, stats
+
+
+def _turn_spans(records: Sequence[DertaRecord], prefixes: list[list[int]], tokenizer: Any,
+                bos: list[int]) -> list[tuple[tuple[int, int], ...]]:
+    """Each record's `turns` as token spans: the token counts of its prefix up to each boundary."""
+    bounds = [(i, b) for i, r in enumerate(records) for span in r.turns for b in span]
+    counts = {}
+    for (i, b), ids in zip(bounds, _encode(tokenizer, [records[i].prefix[:b] for i, b in bounds], bos)):
+        if prefixes[i][:len(ids)] != ids:
+            raise ValueError(f"record {i}: its prefix up to character {b} (an assistant turn's "
+                             "boundary) does not tokenise as the start of the whole prefix, so the "
+                             f"loss mask cannot follow the turn (data.assistant_turns=last avoids "
+                             f"it); prefix: {records[i].prefix!r}")
+        counts[i, b] = len(ids)
+    return [tuple((counts[i, s], counts[i, e]) for s, e in r.turns) for i, r in enumerate(records)]
 
 
 def materialize(example: TokenizedExample, max_length: int, k: int = 0) -> dict[str, np.ndarray]:
@@ -150,6 +172,8 @@ def materialize(example: TokenizedExample, max_length: int, k: int = 0) -> dict[
     loss = np.zeros(n, bool)
     loss[max(p - 1, 0):n - 1] = True
     rto = loss & example.is_rto
+    for start, end in example.turns:  # earlier assistant turns: labels start..end-1, MLE
+        loss[max(start - 1, 0):min(end - 1, n - 1)] = True
     if example.is_rto:
         targets[rto] = example.refusal_id
     return {"tokens": ids.astype(np.int32), "targets": targets, "loss_mask": loss, "rto_mask": rto}

@@ -28,7 +28,9 @@ from typing import Any
 
 import ml_collections
 
+from derta_jax.data import pipeline, records
 from derta_jax.data.recipe import CUTS, RECIPES
+from derta_jax.data.templates import ASSISTANT_TURNS
 from derta_jax.models.config import PRESETS, RUNTIME_FIELDS, ModelConfig
 from derta_jax.training.loss import LossConfig
 from derta_jax.training.optimizer import OptimizerConfig
@@ -67,9 +69,16 @@ class ModelSource:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     recipe: str = "derta"  # derta | vanilla | recaug | rto_only (derta-method.md mixtures)
-    safety: str = ""  # safety triples JSON lines; '' = the bundled demo data
-    helpful: str = ""  # helpfulness pairs JSON lines; '' = the bundled demo data
+    safety: str = ""  # safety triples: JSON lines, parquet/arrow/json, dataset dir or hub name; '' = demo
+    safety_split: str = "train"  # split of a hub name or a saved DatasetDict
+    safety_revision: str = ""  # hub names: branch, tag or commit; '' = the default branch
+    safety_columns: str = ""  # "query=prompt,safe_response=chosen,..." our field=its column; '' = ours
+    helpful: str = ""  # helpfulness pairs, any of data.safety's kinds; '' = the bundled demo data
+    helpful_split: str = "train"  # split of a hub name or a saved DatasetDict
+    helpful_revision: str = ""  # hub names: branch, tag or commit; '' = the default branch
+    helpful_columns: str = ""  # "instruction=prompt,output=response" our field=its column; '' = ours
     template: str = "base"  # base ("[INST] q [\\INST]", official) | chat (the tokenizer's template)
+    assistant_turns: str = "all"  # multi-turn rows (messages): loss on all assistant turns | last
     eos_text: str = "<|end_of_text|>"  # end of every base-template response (official literal)
     cut: str = "word"  # harmful-prefix cut: word (official) | token (re-drawn every epoch)
     refusal_token: str = "Sorry"  # RTO target; must be one token
@@ -80,14 +89,28 @@ class DataConfig:
     rto_count: int = -1  # RTO examples; -1 = up to the recipe's official count
     prefix_count: int = -1  # harmful-prefix MLE examples; -1 = up to the official count
     vanilla_count: int = -1  # vanilla safety examples; -1 = up to the official count
-    skip_invalid: bool = False  # skip malformed JSON lines (counted) instead of stopping
+    skip_invalid: bool = False  # skip malformed rows (counted) instead of stopping
 
     def __post_init__(self):
         _check(self.recipe in RECIPES, "recipe", self.recipe, f"one of {tuple(RECIPES)}")
         _check(self.template in ("base", "chat"), "template", self.template, "base or chat")
         _check(self.cut in CUTS, "cut", self.cut, f"one of {CUTS}")
+        _check(self.assistant_turns in ASSISTANT_TURNS, "assistant_turns", self.assistant_turns,
+               f"one of {ASSISTANT_TURNS}")
         _check(bool(self.eos_text), "eos_text", self.eos_text, "a non-empty string")
         _check(self.max_length >= 8, "max_length", self.max_length, ">= 8")
+        for kind in ("safety", "helpful"):
+            key = f"{kind}_columns"
+            try:
+                records.parse_columns(getattr(self, key), kind)
+            except ValueError as e:
+                raise ValueError(f"{key}={getattr(self, key)!r}: {e}") from None
+
+    def source(self, kind: str) -> records.Source:
+        """Where `kind` (safety | helpful) rows come from; '' is the bundled demo file."""
+        return records.Source(getattr(self, kind) or pipeline.DEMO_DIR / f"{kind}.jsonl",
+                              getattr(self, f"{kind}_split"), getattr(self, f"{kind}_revision"),
+                              getattr(self, f"{kind}_columns"))
 
     def counts(self) -> dict[str, int]:
         """The explicit counts (`<part>_count` >= 0) as keyword arguments of the data pipeline."""

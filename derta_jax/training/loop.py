@@ -77,10 +77,10 @@ def load_params(run: config_lib.RunConfig, cfg: ModelConfig, shardings: Any) -> 
 
 def load_examples(d: config_lib.DataConfig, tokenizer: Any) -> list[Any]:
     examples, _ = pipeline.training_examples(  # logs what it kept, truncated and dropped
-        tokenizer, recipe=d.recipe, safety=d.safety or pipeline.DEMO_SAFETY,
-        helpful=d.helpful or pipeline.DEMO_HELPFUL, max_length=d.max_length,
-        refusal_token=d.refusal_token, template=d.template, cut=d.cut, seed=d.seed,
-        skip_invalid=d.skip_invalid, eos_text=d.eos_text, **d.counts())
+        tokenizer, recipe=d.recipe, safety=d.source("safety"), helpful=d.source("helpful"),
+        max_length=d.max_length, refusal_token=d.refusal_token, template=d.template, cut=d.cut,
+        seed=d.seed, skip_invalid=d.skip_invalid, eos_text=d.eos_text,
+        assistant_turns=d.assistant_turns, **d.counts())
     return examples
 
 

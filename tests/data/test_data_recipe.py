@@ -66,15 +66,21 @@ def test_token_cut_keeps_prefix_bare_and_carries_the_harmful_response():
     assert got[1].harmful == " one two three" and got[1].text == " No2." + E
 
 
+def _render(messages, add_generation_prompt):
+    """A chat template: <S>system</S> <U>user</U> <A>assistant<END>, then <A> for the next turn."""
+    tags = {"system": "<S>{}</S>", "user": "<U>{}</U>", "assistant": "<A>{}<END>"}
+    return "".join(tags[m["role"]].format(m["content"]) for m in messages) + ("<A>" if add_generation_prompt else "")
+
+
 def test_chat_template_puts_the_harmful_prefix_in_the_assistant_turn():
-    t = Template(kind="chat", eos="<END>", render="<U>{}</U><A>".format)
+    t = Template(kind="chat", eos="<END>", render=_render)
     got = recipe.harmful_prefix_records(TRIPLES, t)
     assert got[0] == DertaRecord("<U>Q0</U><A>", "No0.<END>", False)
     assert got[1] == DertaRecord("<U>Q2</U><A>one", " No2.<END>", False)
 
 
 def test_chat_token_cut_text_is_the_vanilla_one_and_a_space_joins_after_a_cut():
-    t = Template(kind="chat", eos="<END>", render="<U>{}</U><A>".format)
+    t = Template(kind="chat", eos="<END>", render=_render)
     got = recipe.harmful_prefix_records(TRIPLES, t, cut="token")
     assert got[1] == DertaRecord("<U>Q2</U><A>", "No2.<END>", False, harmful="one two three",
                                  cut_text=" No2.<END>")
@@ -128,3 +134,48 @@ def test_recipes_are_the_one_list_of_names_and_official_counts():
     assert recipe.safety_counts("recaug", 7) == {"prefix_count": 7}
     with pytest.raises(ValueError, match="recipe='x': expected one of derta, vanilla, recaug, rto_only"):
         recipe.safety_counts("x")
+
+
+CHAT = [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"},
+        {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]
+
+
+@pytest.mark.parametrize("all_turns", [True, False])
+def test_multi_turn_records_sit_in_the_last_turn_and_carry_earlier_turns(all_turns):
+    t = Template(kind="chat", eos="<END>", render=_render, all_turns=all_turns)
+    triple = {**TRIPLES[2], "messages": CHAT, "id": "s.jsonl:1"}
+    pair = {"messages": CHAT, "output": "O2", "id": "h.jsonl:1"}
+    prompt = "<S>S</S><U>U1</U><A>A1<END><U>Q2</U><A>"
+    turns = ((len("<S>S</S><U>U1</U><A>"), len("<S>S</S><U>U1</U><A>A1<END>")),) if all_turns else ()
+    assert [prompt[a:b] for a, b in turns] == (["A1<END>"] if all_turns else [])
+    assert recipe.helpful_records([pair], t) == [DertaRecord(prompt, "O2<END>", False, turns=turns)]
+    assert recipe.rto_records([triple], t) == [DertaRecord(prompt, "one two three<END>", True, turns=turns)]
+    assert recipe.harmful_prefix_records([TRIPLES[0], TRIPLES[1], triple], t, seed=0) == [
+        DertaRecord("<U>Q0</U><A>", "No0.<END>", False),
+        DertaRecord(prompt + "one", " No2.<END>", False, turns=turns)]
+    assert recipe.vanilla_records([triple], t) == [DertaRecord(prompt, "No2.<END>", False, turns=turns)]
+    rec = recipe.rto_records([triple], t)[0]
+    assert DertaRecord.from_json(rec.to_json()) == rec
+
+
+def test_multi_turn_errors_name_the_row_and_show_the_rendered_text():
+    def drops_content(messages, gen):  # renders every assistant turn without its content
+        return _render([{**m, "content": ""} if m["role"] == "assistant" else m for m in messages], gen)
+
+    def drops_earlier_turns(messages, gen):  # an assistant turn followed by others renders as "."
+        return _render([{**m, "content": "."} if m["role"] == "assistant" and i < len(messages) - 1 else m
+                        for i, m in enumerate(messages)], gen)
+
+    triple = {**TRIPLES[2], "messages": CHAT, "id": "s.jsonl:7"}
+    t = Template(kind="chat", eos="<END>", render=drops_content)
+    with pytest.raises(ValueError, match=r"s\.jsonl:7: message 2 \(assistant\) renders empty, so its loss "
+                                         r"mask is empty: '<S>S</S><U>U1</U><A><END>'"):
+        recipe.rto_records([triple], t)
+    t = Template(kind="chat", eos="<END>", render=drops_earlier_turns)
+    with pytest.raises(ValueError, match=r"s\.jsonl:7: the chat template is not prefix-stable at message 2 .*"
+                                         r"'<S>S</S><U>U1</U><A>A1<END>'.*'<S>S</S><U>U1</U><A>.<END><U>Q2</U><A>'"):
+        recipe.rto_records([triple], t)
+    assert recipe.rto_records([triple], Template(kind="chat", eos="<END>", render=drops_earlier_turns,
+                                                  all_turns=False))[0].turns == ()
+    with pytest.raises(ValueError, match=r"s\.jsonl:7: multi-turn rows \(messages\) need the chat template"):
+        recipe.rto_records([triple], base_template())

@@ -52,3 +52,13 @@ def test_missing_file_and_unknown_kind(tmp_path):
         records.read_jsonl(tmp_path / "nope.jsonl", "safety")
     with pytest.raises(ValueError, match="unknown record kind 'x'"):
         records.parse_record({}, "x")
+
+
+def test_non_utf8_line_names_file_and_line_and_is_skipped_when_asked(tmp_path):
+    path = tmp_path / "f.jsonl"
+    latin1 = json.dumps({**GOOD, "query": "caf\u00e9"}, ensure_ascii=False).encode("latin-1")
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + latin1 + b"\n" + json.dumps(GOOD).encode() + b"\n")
+    with pytest.raises(ValueError, match=r"f\.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 15\)"):
+        records.read_jsonl(path, "safety")
+    rows, report = records.read_jsonl(path, "safety", skip_invalid=True)
+    assert rows == [GOOD, GOOD] and report.skipped == {"not valid UTF-8": 1}

@@ -16,16 +16,6 @@ PAIRS = [{"instruction": "What is 2 plus 2?", "output": "2 plus 2 is 4."}]
 
 
 @pytest.fixture(scope="module")
-def llama3(llama3_tokenizer_dir):
-    return transformers.AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def smollm2(smollm2_gguf):
-    return transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
-
-
-@pytest.fixture(scope="module")
 def llama3_with_bos_postprocessor(llama3_tokenizer_dir, tmp_path_factory):
     """The other kind of LLaMA-3 tokenizer: its post-processor adds <|begin_of_text|> itself."""
     folder = tmp_path_factory.mktemp("llama3_bos")
