@@ -12,8 +12,8 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_impl", "lora_rank",
-                  "lora_alpha", "lora_dropout", "lora_targets")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_impl",
+                  "attention_block", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +54,7 @@ class ModelConfig:
     remat: str = "none"  # none | full | dots: activation rematerialisation per layer
     scan_layers: bool = False  # nn.scan over layers (params stacked under "layers"; faster compile)
     attention_impl: str = "auto"  # auto | xla | cudnn
+    attention_block: int = 128  # xla kernel: query blocks of this size skip later keys (0: off)
     lora_rank: int = 0  # 0 = full-parameter training; > 0 = LoRA with frozen base weights
     lora_alpha: float = 16.0  # LoRA scale numerator (scale = alpha / rank)
     lora_dropout: float = 0.0  # dropout on the LoRA input
@@ -71,6 +72,8 @@ class ModelConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected float32 or bfloat16")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat={self.remat!r}: expected none, full or dots")
+        if self.attention_block < 0:
+            raise ValueError(f"attention_block={self.attention_block}: expected >= 0")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank={self.lora_rank}: expected >= 0")
         if not 0.0 <= self.lora_dropout < 1.0:

@@ -5,7 +5,6 @@ import math
 
 import flax.linen as nn
 import jax.numpy as jnp
-from jax import lax
 
 from derta_jax.models import lora
 from derta_jax.models.config import ModelConfig
@@ -38,13 +37,15 @@ class Projection(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(
             _kernel_init(self.n_in, len(self.shape)), self.axes), self.shape, jnp.dtype(cfg.param_dtype))
         x = x.astype(dtype)
-        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-        y = lax.dot_general(x, kernel.astype(dtype), (contract, ((), ())))
+        fan_in, fan_out = math.prod(self.shape[:self.n_in]), math.prod(self.shape[self.n_in:])
+        lead = x.shape[:x.ndim - self.n_in]
+        # One 2-D matmul [tokens, fan_in] @ [fan_in, fan_out]: XLA's CPU backend then runs the
+        # gradient dots without the layout transposes a multi-axis dot_general costs it.
+        h = x.reshape(-1, fan_in)
+        y = (h @ kernel.astype(dtype).reshape(fan_in, fan_out)).reshape(*lead, *self.shape[self.n_in:])
         if not uses_lora(cfg, self.name):
             return y
-        fan_in, fan_out = math.prod(self.shape[:self.n_in]), math.prod(self.shape[self.n_in:])
         a, b = lora.adapters(self, cfg, fan_in, fan_out)
-        h = x.reshape(*x.shape[:x.ndim - self.n_in], fan_in)
         h = nn.Dropout(cfg.lora_dropout)(h, deterministic=self.deterministic)
         delta = (h @ a.astype(dtype)) @ b.astype(dtype)
         return y + (lora.scale(cfg) * delta).reshape(y.shape).astype(dtype)

@@ -92,16 +92,42 @@ def test_sliding_window_changes_outputs_exactly_beyond_the_window(dense):
     np.testing.assert_array_equal(long_window, full)
 
 
-def test_packed_segments_do_not_see_each_other(dense):
+@pytest.mark.parametrize("block", [0, 4], ids=["full", "blocked"])
+def test_packed_segments_do_not_see_each_other(dense, block):
     a, b = _tokens(batch=1, n=5, seed=1), _tokens(batch=1, n=7, seed=2)
     packed = np.concatenate([a, b], axis=1)
     positions = np.concatenate([np.arange(5), np.arange(7)])[None]
     segments = np.array([[1] * 5 + [2] * 7])
-    ours, _ = _run(TINY, dense, packed, positions, segments)
+    ours, _ = _run(TINY.replace(attention_block=block), dense, packed, positions, segments)
     alone_a, _ = _run(TINY, dense, a)
     alone_b, _ = _run(TINY, dense, b)
     np.testing.assert_allclose(ours[:, :5], alone_a, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(ours[:, 5:], alone_b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_blocked_attention_gives_the_full_kernel_logits_and_grads(dense, window):
+    """Query blocks that skip the keys after them (attention_block) equal the full [L, L]
+    kernel on packed rows with padding, segments crossing block edges, and a sliding window."""
+    lengths = [[3, 6, 4, 2], [9, 5]]  # row 1 ends in padding; segments straddle the 4-blocks
+    tokens, positions, segments = (np.zeros((2, 16), np.int32) for _ in range(3))
+    for r, row in enumerate(lengths):
+        offset = 0
+        for s, n in enumerate(row, start=1):
+            tokens[r, offset:offset + n] = _tokens(1, n, seed=10 * r + s)[0]
+            positions[r, offset:offset + n] = np.arange(n)
+            segments[r, offset:offset + n] = s
+            offset += n
+
+    def loss(p, c):
+        logits, _ = _run(c, {"params": p}, tokens, positions, segments)
+        return jnp.mean(jnp.where(segments > 0, jax.nn.logsumexp(logits, axis=-1), 0.0))
+
+    base = TINY.replace(sliding_window=window, attention_impl="xla")
+    want, want_grad = jax.value_and_grad(loss)(dense["params"], base.replace(attention_block=0))
+    got, got_grad = jax.value_and_grad(loss)(dense["params"], base.replace(attention_block=4))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-4), got_grad, want_grad)
 
 
 @pytest.mark.parametrize("runtime", [dict(remat="full"), dict(scan_layers=True, remat="dots")])
