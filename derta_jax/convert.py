@@ -12,21 +12,21 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import sys
 import time
 
 import jax
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from derta_jax import cli
 from derta_jax.checkpoints.gguf import load_gguf
 from derta_jax.checkpoints.hf import load_hf
 from derta_jax.checkpoints.model_dir import TOKENIZER_FILES, load_tokenizer, save_model_dir
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m derta_jax.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m derta_jax.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf", type=pathlib.Path, help="folder with config.json and *.safetensors")
     source.add_argument("--gguf", type=pathlib.Path, help="a llama GGUF file")
@@ -66,8 +66,4 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # a user error: one line
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run_main(main)

@@ -37,6 +37,7 @@ import sys
 import time
 from typing import Any
 
+from derta_jax import cli
 from derta_jax.checkpoints.model_dir import load_tokenizer
 from derta_jax.checkpoints.resolve import resolve_checkpoint
 from derta_jax.evaluation import judges as judges_lib
@@ -48,8 +49,8 @@ _ANSWER_SETTINGS = ("checkpoint", "step", "chat", "max_new_tokens", "temperature
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m derta_jax.eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m derta_jax.eval", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, type=pathlib.Path,
                    help="a model dir, or a training workdir (latest step unless --step)")
     p.add_argument("--step", type=int, default=None,
@@ -185,7 +186,7 @@ def write_run_report(out: pathlib.Path, run: dict[str, Any], primary_judge: str)
 
 
 def _parse_judge(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m derta_jax.eval judge",
         description="Judge saved answers again (no generation); writes <out>/<set>.jsonl and "
                     "report.json/md/png as eval does.")
@@ -226,8 +227,8 @@ def judge(argv: list[str]) -> dict[str, Any]:
 
 
 def _compare(argv: list[str]) -> list[dict[str, Any]]:
-    p = argparse.ArgumentParser(prog="python -m derta_jax.eval compare",
-                                description="Put several eval runs' reports side by side.")
+    p = cli.ArgumentParser(prog="python -m derta_jax.eval compare",
+                           description="Put several eval runs' reports side by side.")
     p.add_argument("runs", nargs="+", type=pathlib.Path, help="eval output dirs (with report.json)")
     p.add_argument("--out", required=True, type=pathlib.Path)
     args = p.parse_args(argv)
@@ -246,8 +247,4 @@ def main(argv: list[str] | None = None) -> Any:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # a user error: one line
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run_main(main)

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import sys
 import time
 
+from derta_jax import cli
 from derta_jax.checkpoints.export_hf import export_hf, parse_size
 from derta_jax.checkpoints.resolve import resolve_checkpoint
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m derta_jax.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m derta_jax.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=pathlib.Path, required=True,
                         help="model dir, training workdir or <workdir>/checkpoints/<step>")
     parser.add_argument("--step", type=int, default=None,
@@ -60,8 +60,4 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # a user error: one line
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run_main(main)

@@ -20,14 +20,15 @@ import pathlib
 import sys
 from typing import Any
 
+from derta_jax import cli
 from derta_jax.checkpoints.resolve import resolve_checkpoint
 from derta_jax.evaluation import loading, tasks
 from derta_jax.evaluation.generation import generate
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m derta_jax.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m derta_jax.generate", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=pathlib.Path, required=True,
                    help="a model dir, or a training workdir (latest step unless --step)")
     p.add_argument("--step", type=int, default=None, help="training workdir step to load")
@@ -82,8 +83,4 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # a user error: one line
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run_main(main)

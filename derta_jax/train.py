@@ -19,6 +19,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from derta_jax import cli
 from derta_jax.training import checkpointing, distributed, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:variant]", lock_config=True)
@@ -31,11 +32,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's id in [0,
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
+    with cli.user_errors((OSError,)):
         config = _CONFIG.value
         config.to_dict()  # the file is loaded on first use: a missing one is an OSError here
-    except OSError as e:
-        _fail(e, 2)
     try:
         joined = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     except ValueError as e:
@@ -46,23 +45,12 @@ def main(argv: list[str]) -> None:
     logging.getLogger("derta_jax").info("process %d of %d (%s)", jax.process_index(),
                                         jax.process_count(), joined)
     try:
-        metrics = loop.train(config, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # a user error: bad key, file
-        _fail(e, 2)
+        with cli.user_errors():  # a bad key or file: exit code 2
+            metrics = loop.train(config, _WORKDIR.value)
     except (loop.Diverged, checkpointing.DiskFullError) as e:  # the run stopped for a known reason
-        _fail(e, 1)
+        cli.fail(e, 1)
     if metrics and jax.process_index() == 0:
         print({k: round(v, 4) for k, v in metrics.items()})
-
-
-def _fail(e: BaseException, code: int) -> None:
-    """One line on stderr, no traceback (every process: each may be the one a person reads)."""
-    text = str(e).strip()
-    if "Traceback (most recent call last)" in text:  # ml_collections quotes the config's error
-        head, _, tail = text.partition("Traceback (most recent call last)")
-        text = head.strip() + " " + tail.strip().splitlines()[-1]
-    print(f"error: {' '.join(text.split())}", file=sys.stderr, flush=True)
-    sys.exit(code)
 
 
 def _dashes_to_underscores(argv: list[str]) -> list[str]:
@@ -76,21 +64,9 @@ def _dashes_to_underscores(argv: list[str]) -> list[str]:
     return out
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with a bad flag or config override as one line and exit code 2."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        _fail(e, 2)
-    except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown key
-        while isinstance(e, BaseException) and e.args:  # AttributeError(KeyError(text))
-            e = e.args[0]
-        _fail(ValueError(f"unknown config key: {e}"), 2)
-
-
 def run() -> None:
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, argv=_dashes_to_underscores(sys.argv), flags_parser=_parse_flags)
+    app.run(main, argv=_dashes_to_underscores(sys.argv), flags_parser=cli.parse_absl_flags)
 
 
 if __name__ == "__main__":

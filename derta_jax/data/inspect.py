@@ -16,6 +16,7 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
+from derta_jax import cli
 from derta_jax.data import loader
 from derta_jax.data.tokenize import TokenizedExample, materialize
 
@@ -48,17 +49,14 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from derta_jax.training import config as config_lib, loop  # heavy: after the flags parse
 
-    try:
+    with cli.user_errors(cli.USER_ERRORS + (OSError,)):  # a tokenizer folder's OSError too
         run = config_lib.parse(_CONFIG.value)
         _, tokenizer = loop.model_and_tokenizer(run)
         examples = loop.load_examples(run.data, tokenizer)
-    except (ValueError, OSError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
     colour = sys.stdout.isatty()
     for i, example in enumerate(examples[:_N.value]):
         print(format_example(example, i, tokenizer, run.data.max_length, run.data.seed, colour) + "\n")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_absl_flags)

@@ -33,6 +33,14 @@ DEMO_HELPFUL = DEMO_DIR / "helpful.jsonl"
 DEMO_EVAL_DIR = DEMO_DIR / "eval"
 
 
+def source(keys: Any, kind: str) -> Source:
+    """`kind`'s (safety | helpful) Source from the data keys `<kind>`, `<kind>_split`,
+    `<kind>_revision` and `<kind>_columns` of `keys` (training's DataConfig, data.build's flags);
+    an empty `<kind>` is the bundled demo file."""
+    return Source(getattr(keys, kind) or DEMO_DIR / f"{kind}.jsonl", getattr(keys, f"{kind}_split"),
+                  getattr(keys, f"{kind}_revision"), getattr(keys, f"{kind}_columns"))
+
+
 def mixture_records(recipe: str, safety: Source | str | os.PathLike,
                     helpful: Source | str | os.PathLike,
                     tokenizer: Any = None, template: str = "base", cut: str = "word", seed: int = 0,

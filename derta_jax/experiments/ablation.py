@@ -40,6 +40,7 @@ import jax
 import ml_collections
 from jax.experimental.compilation_cache import compilation_cache
 
+from derta_jax import cli
 from derta_jax import convert
 from derta_jax import eval as eval_cli
 from derta_jax.data import pipeline
@@ -277,9 +278,9 @@ def run(plan: Plan) -> dict[str, Any]:
 
 # ---- command line ---------------------------------------------------------------------------
 def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m derta_jax.experiments.ablation",
-                                description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m derta_jax.experiments.ablation",
+                           description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 1 seed, 4 steps, 6 prompts per set, 32 new tokens")
     p.add_argument("--out", type=pathlib.Path, default=None,
@@ -340,7 +341,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    cli.run_main(main)

@@ -23,6 +23,7 @@ keys that depend on each other, and every error names `section.key` and the valu
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from typing import Any
 
@@ -108,9 +109,7 @@ class DataConfig:
 
     def source(self, kind: str) -> records.Source:
         """Where `kind` (safety | helpful) rows come from; '' is the bundled demo file."""
-        return records.Source(getattr(self, kind) or pipeline.DEMO_DIR / f"{kind}.jsonl",
-                              getattr(self, f"{kind}_split"), getattr(self, f"{kind}_revision"),
-                              getattr(self, f"{kind}_columns"))
+        return pipeline.source(self, kind)
 
     def counts(self) -> dict[str, int]:
         """The explicit counts (`<part>_count` >= 0) as keyword arguments of the data pipeline."""
@@ -145,6 +144,8 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # loss or norm/grad not finite: stop, unsaved | skip the update
     max_skipped_steps: int = 10  # on_nonfinite=skip: stop after this many skips in a row
     allow_config_change: bool = False  # resume though keys that change the run differ
+    wandb_project: str = ""  # W&B project of the metrics (process 0; needs wandb); '' = off
+    wandb_run: str = ""  # W&B run name ('' = W&B's); mode $WANDB_MODE, else online iff $WANDB_API_KEY
 
     def __post_init__(self):
         _check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
@@ -155,6 +156,11 @@ class TrainConfig:
         _check(self.on_nonfinite in ("stop", "skip"), "on_nonfinite", self.on_nonfinite,
                "stop or skip")
         _check(self.max_skipped_steps >= 1, "max_skipped_steps", self.max_skipped_steps, ">= 1")
+        if self.wandb_project and importlib.util.find_spec("wandb") is None:
+            raise ValueError(f"wandb_project={self.wandb_project!r}: the wandb package is not "
+                             "installed (pip install wandb, or leave train.wandb_project='')")
+        _check(not self.wandb_run or bool(self.wandb_project), "wandb_run", self.wandb_run,
+               "'' when train.wandb_project is ''")
 
 
 SECTIONS = {"data": DataConfig, "loss": LossConfig, "optimizer": OptimizerConfig,

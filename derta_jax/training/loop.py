@@ -5,7 +5,8 @@
 Resumes from <workdir>/checkpoints when it holds a checkpoint (params, optimizer, step, rng and
 the data iterator), so a stopped run continues as if never stopped: the newest step that reads
 completely wins (training/checkpointing.py), metrics.jsonl rows (and TensorBoard events) after it
-are dropped, so every logged step has exactly one row after any sequence of kills. Metrics are
+are dropped, so every logged step has exactly one row after any sequence of kills. With
+train.wandb_project the same rows go to W&B too (process 0; workdir.open_wandb). Metrics are
 fetched one step late (the host never waits on the step it just launched), except that a step's
 row is written before its checkpoint is saved. A step whose loss or norm/grad is not finite is
 never saved: with train.on_nonfinite=stop the run stops naming the step and its examples; with
@@ -110,12 +111,14 @@ def log_plan(plan: loader_lib.Plan) -> None:
 
 
 class MetricsWriter:
-    """metrics.jsonl, TensorBoard and the progress bar; a no-op on processes other than 0.
+    """metrics.jsonl, TensorBoard, W&B (train.wandb_project) and the progress bar; a no-op on
+    processes other than 0. Every logged row goes to all three.
 
     Rows after `start` (written by a run killed before its next checkpoint) are dropped first;
     TensorBoard is told to purge its events from step start + 1 on."""
 
-    def __init__(self, workdir: pathlib.Path, start: int, total: int):
+    def __init__(self, workdir: pathlib.Path, start: int, total: int,
+                 config: ml_collections.ConfigDict):
         self.active = jax.process_index() == 0
         if not self.active:
             return
@@ -124,6 +127,7 @@ class MetricsWriter:
         self.jsonl = open(workdir / workdir_lib.METRICS_FILE, "a")
         self.tb = SummaryWriter(str(workdir / "tensorboard"),
                                 purge_step=start + 1 if start > 0 else None)
+        self.wandb = workdir_lib.open_wandb(config, workdir)
         self.bar = tqdm.tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
 
     def write(self, step: int, metrics: dict[str, float], log_line: bool) -> None:
@@ -137,6 +141,8 @@ class MetricsWriter:
             self.jsonl.flush()
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, step)
+            if self.wandb is not None:
+                self.wandb.log(dict(metrics), step=step)
 
     def flush(self) -> None:
         """Before a checkpoint: the rows of every step it holds are on disk."""
@@ -148,6 +154,8 @@ class MetricsWriter:
             self.bar.close()
             self.jsonl.close()
             self.tb.close()
+            if self.wandb is not None:
+                self.wandb.finish()
 
 
 def write_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, run: "_Run",
@@ -316,7 +324,7 @@ def _train(run_cfg: config_lib.RunConfig, config: ml_collections.ConfigDict,
     writer = preemption = None
     try:
         write_workdir(workdir, config, run, changed=bool(changed))
-        writer = MetricsWriter(workdir, run.start, run.steps)
+        writer = MetricsWriter(workdir, run.start, run.steps, config)
         preemption = _Preemption()
         metrics = _loop(run, run_cfg.checkpoint.every_steps, t.stop_at,
                         _make_logger(run, run_cfg, writer), preemption)

@@ -4,6 +4,7 @@
     changed = config_changes(config, workdir)       # keys that differ from <workdir>/config.json
     record_config(config, workdir, step)            # config.json (previous one kept as config.<step>.json)
     truncate_metrics(workdir, step)                 # rows after the restored step are dropped
+    wandb_run = open_wandb(config, workdir)         # W&B run (train.wandb_project) or None
 
 One trainer per workdir: a second one refuses while the lock's process is alive; a lock left by
 a dead process on this host is taken over with a warning (one on another host cannot be checked:
@@ -19,6 +20,7 @@ import math
 import os
 import pathlib
 import socket
+import uuid
 from typing import Any, Iterator
 
 import jax
@@ -30,12 +32,14 @@ from derta_jax.training import config as config_lib
 LOCK_FILE = "lock"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_id"
 
 # Keys that do not change the steps a run takes, so a resumed run may change them. train.steps
 # and train.epochs set where the run ends (a non-constant schedule is laid over the new total).
 RESUMABLE_KEYS = frozenset({
     "train.steps", "train.epochs", "train.log_every", "train.peak_tflops", "train.stop_at",
     "train.on_nonfinite", "train.max_skipped_steps", "train.allow_config_change",
+    "train.wandb_project", "train.wandb_run",
     "checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save",
     "checkpoint.restore_step"})
 
@@ -216,3 +220,27 @@ def json_row(step: int, metrics: dict[str, float]) -> str:
     """A metrics.jsonl line; non-finite values are written as null (valid JSON)."""
     return json.dumps({"step": step,
                        **{k: v if math.isfinite(v) else None for k, v in metrics.items()}})
+
+
+def wandb_mode() -> str:
+    """$WANDB_MODE when set, else online with a $WANDB_API_KEY and offline without one."""
+    return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY")
+                                            else "offline")
+
+
+def open_wandb(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Any:
+    """The W&B run of train.wandb_project (None when ''), files under $WANDB_DIR or the workdir.
+    Its id is kept in <workdir>/wandb_id, so a resumed run continues the same W&B run (W&B
+    ignores rows for steps it already has). Process 0 only; wandb is imported only here."""
+    t = config.train
+    if not t.wandb_project or jax.process_index() != 0:
+        return None
+    import wandb
+    id_path = workdir / WANDB_ID_FILE
+    if not id_path.exists():
+        id_path.write_text(uuid.uuid4().hex[:8])
+    mode = wandb_mode()
+    log.info("W&B: project %s, %s mode, run id %s", t.wandb_project, mode, id_path.read_text())
+    return wandb.init(project=t.wandb_project, name=t.wandb_run or None, id=id_path.read_text(),
+                      resume="allow", mode=mode, dir=os.environ.get("WANDB_DIR") or str(workdir),
+                      config=config.to_dict())

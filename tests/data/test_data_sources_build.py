@@ -56,9 +56,10 @@ def test_build_cli_official_counts_take_what_the_demo_has(tmp_path, caplog, caps
     assert "recipe derta: 560 helpful + 320 rto + 320 prefix = 1200 records" in caplog.messages
     assert len(out.read_text().splitlines()) == 1200
     capsys.readouterr()
-    assert build.main(argv + ["--rto-count", "321"]) == 2
-    assert capsys.readouterr().err == ("error: rto_count=321 but the sources give only 320 rto examples; "
-                                       "pass a smaller rto_count\n")
+    with pytest.raises(ValueError) as e:
+        build.main(argv + ["--rto-count", "321"])
+    assert str(e.value) == ("rto_count=321 but the sources give only 320 rto examples; "
+                            "pass a smaller rto_count")
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +91,23 @@ def test_build_and_training_give_the_same_records(tmp_path, instruct_tokenizer_d
         assert np.array_equal(a.tokens, b.tokens) and a.prompt_len == b.prompt_len, a
         assert (a.refusal_id, a.cut_len, a.max_cut) == (b.refusal_id, b.cut_len, b.max_cut)
         assert (a.uncut is None) == (b.uncut is None) and (a.uncut is None or np.array_equal(a.uncut, b.uncut))
+
+
+def test_build_cli_parquet_source_with_columns_writes_the_json_lines_records(tmp_path, monkeypatch):
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    triples = records.read_jsonl(pipeline.DEMO_SAFETY, "safety")[0]
+    renamed = {"query": "prompt", "harmful_response": "rejected", "safe_response": "chosen"}
+    datasets.Dataset.from_list([{renamed[k]: v for k, v in t.items()} for t in triples]).to_parquet(
+        tmp_path / "safety.parquet")
+    counts = ["--rto-count", "7", "--prefix-count", "6", "--helpful-count", "4"]
+    base = ["--recipe", "derta", "--helpful", "demo", "--seed", "3", *counts]
+    from_jsonl, from_parquet = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert build.main([*base, "--safety", str(pipeline.DEMO_SAFETY), "--out", str(from_jsonl)]) == 0
+    columns = ",".join(f"{ours}={theirs}" for ours, theirs in renamed.items())
+    assert build.main([*base, "--safety", str(tmp_path / "safety.parquet"), "--safety-split", "train",
+                       "--safety-columns", columns, "--out", str(from_parquet)]) == 0
+    assert from_parquet.read_text() == from_jsonl.read_text()
+    assert len(from_parquet.read_text().splitlines()) == 4 + 7 + 6
+    with pytest.raises(ValueError, match="rejected"):  # without the mapping: its columns are unknown
+        build.main([*base, "--safety", str(tmp_path / "safety.parquet"), "--out", str(from_parquet)])
