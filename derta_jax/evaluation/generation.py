@@ -150,8 +150,10 @@ def _check_args(cfg: ModelConfig, prompt_ids, max_new_tokens, temperature, top_p
                          "pass the lora collection exactly when cfg.lora_rank > 0")
 
 
+@functools.lru_cache(maxsize=8)
 def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict[str, Any]:
-    """NamedShardings of the model's variables ({"params"[, "lora"]}) by the logical rules."""
+    """NamedShardings of the model's variables ({"params"[, "lora"]}) by the logical rules
+    (cached: tracing the model's init takes seconds, and eval calls `generate` per batch group)."""
     tokens = jnp.zeros((1, 1), jnp.int32)
     boxed = jax.eval_shape(
         lambda: Decoder(cfg).init({"params": jax.random.key(0)}, tokens, tokens, tokens + 1))

@@ -40,7 +40,7 @@ def attend(q_BLHD: jnp.ndarray, k_BSKD: jnp.ndarray, v_BSKD: jnp.ndarray, mask_B
     each segment's tokens are contiguous with increasing positions (the batch contract), so the
     result is the same at about half the work of the full [L, L] scores for long rows."""
     L = q_BLHD.shape[1]
-    if block <= 0 or impl != "xla" or L <= block or L % block or k_BSKD.shape[1] != L:
+    if block <= 0 or impl != "xla" or L <= block or k_BSKD.shape[1] != L:
         return jax.nn.dot_product_attention(q_BLHD, k_BSKD, v_BSKD, mask=mask_B1LS,
                                             implementation=impl)
     outs = [jax.nn.dot_product_attention(q_BLHD[:, s:s + block], k_BSKD[:, :s + block],

@@ -109,7 +109,7 @@ def test_packed_segments_do_not_see_each_other(dense, block):
 def test_blocked_attention_gives_the_full_kernel_logits_and_grads(dense, window):
     """Query blocks that skip the keys after them (attention_block) equal the full [L, L]
     kernel on packed rows with padding, segments crossing block edges, and a sliding window."""
-    lengths = [[3, 6, 4, 2], [9, 5]]  # row 1 ends in padding; segments straddle the 4-blocks
+    lengths = [[3, 6, 4, 2], [9, 5]]  # row 1 ends in padding; segments straddle blocks of 5
     tokens, positions, segments = (np.zeros((2, 16), np.int32) for _ in range(3))
     for r, row in enumerate(lengths):
         offset = 0
@@ -125,7 +125,7 @@ def test_blocked_attention_gives_the_full_kernel_logits_and_grads(dense, window)
 
     base = TINY.replace(sliding_window=window, attention_impl="xla")
     want, want_grad = jax.value_and_grad(loss)(dense["params"], base.replace(attention_block=0))
-    got, got_grad = jax.value_and_grad(loss)(dense["params"], base.replace(attention_block=4))
+    got, got_grad = jax.value_and_grad(loss)(dense["params"], base.replace(attention_block=5))
     np.testing.assert_allclose(got, want, rtol=1e-6)
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-4), got_grad, want_grad)
 
