@@ -93,11 +93,12 @@ def _record(state: dict, token_B: jnp.ndarray, stop_ids: jnp.ndarray) -> dict:
 def _constrain_cache(cache: dict) -> dict:
     """Cache rows split like the batch, K/V heads like the attention (logical rules)."""
     def one(x: jnp.ndarray) -> jnp.ndarray:
-        if x.ndim == 0:
+        if x.ndim < 2:
             return x
-        axes = ("batch", "length", "kv_heads", "head_dim")
-        return nn.with_logical_constraint(x, ("layers",) * (x.ndim - 4) + axes if x.ndim >= 4
-                                          else axes[:x.ndim])
+        if x.ndim == 2:  # positions, segment ids [B, S]
+            return nn.with_logical_constraint(x, ("batch", "length"))
+        axes = ("batch", "kv_heads", "length", "head_dim")  # K/V [(layers,) B, K, S, Dh]
+        return nn.with_logical_constraint(x, ("layers",) * (x.ndim - 4) + axes)
     return jax.tree.map(one, cache)
 
 

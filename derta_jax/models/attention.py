@@ -51,6 +51,20 @@ def attend(q_BLHD: jnp.ndarray, k_BSKD: jnp.ndarray, v_BSKD: jnp.ndarray, mask_B
     return jnp.concatenate(outs, axis=1)
 
 
+def cached_attend(q_BLHD: jnp.ndarray, k_BKSD: jnp.ndarray, v_BKSD: jnp.ndarray,
+                  mask_B1LS: jnp.ndarray) -> jnp.ndarray:
+    """Softmax attention over a head-major cache, the XLA kernel's arithmetic (float32 scores
+    and softmax): the query heads of each KV head form one batched matmul with its keys."""
+    B, L, H, Dh = q_BLHD.shape
+    K = k_BKSD.shape[1]
+    q = q_BLHD.reshape(B, L, K, H // K, Dh)
+    scores = jnp.einsum("blkgd,bksd->bkgls", q, k_BKSD, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask_B1LS[:, :, None], scores * (Dh ** -0.5),
+                       jnp.float32(-0.7 * jnp.finfo(jnp.float32).max))
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSD.dtype)
+    return jnp.einsum("bkgls,bksd->blkgd", probs, v_BKSD).reshape(B, L, H, Dh)
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
     deterministic: bool = True
@@ -73,14 +87,15 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
         new_cache = None
-        if layer_cache is not None:
-            start = (0, shared["index"], 0, 0)
-            k = lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
-            v = lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
-            new_cache = {"k": k, "v": v}
-            k, v = k.astype(q.dtype), v.astype(q.dtype)
-        out_BLHD = attend(q, k, v, shared["mask"], implementation(cfg),
-                          cfg.attention_block if layer_cache is None else 0)
+        if layer_cache is None:
+            out_BLHD = attend(q, k, v, shared["mask"], implementation(cfg), cfg.attention_block)
+        else:
+            start = (0, 0, shared["index"], 0)
+            new_cache = {name: lax.dynamic_update_slice(
+                layer_cache[name], x.swapaxes(1, 2).astype(layer_cache[name].dtype), start)
+                for name, x in (("k", k), ("v", v))}
+            out_BLHD = cached_attend(q, new_cache["k"].astype(q.dtype),
+                                     new_cache["v"].astype(q.dtype), shared["mask"])
         out_BLHD = nn.with_logical_constraint(out_BLHD, ("batch", "length", "heads", "head_dim"))
         out = proj("o_proj", (H, Dh, D), 2, ("heads", "head_dim", "embed"))(out_BLHD)
         return out, new_cache

@@ -1,7 +1,10 @@
 """The functional KV cache pytree.
 
     {"index": int32 [] (next write slot), "positions": int32 [B, S], "segment_ids": int32 [B, S],
-     "layers_{i}": {"k": [B, S, K, Dh], "v": [B, S, K, Dh]}}     (scan_layers: one stacked "layers")
+     "layers_{i}": {"k": [B, K, S, Dh], "v": [B, K, S, Dh]}}     (scan_layers: one stacked "layers")
+
+Keys and values are head-major ([B, K, S, Dh]), so every decode step's attention reads the cache
+in the layout its batched matmuls want, without transposing it (models/attention.py).
 
 Every forward with a cache writes its L new keys/values, positions and segment ids at `index` and
 advances it by L; unwritten slots have segment 0, so the ordinary mask rule ignores them. The caller
@@ -16,7 +19,7 @@ from derta_jax.models.config import ModelConfig
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> dict:
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     if cfg.scan_layers:
         shape = (cfg.num_layers, *shape)
         layers = {"layers": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}}

@@ -51,5 +51,8 @@ def test_two_processes_with_resume_equal_one_process(tmp_path, llama3_tokenizer_
         assert a.keys() == b.keys()
         for key in a:
             np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
+    # atol: 1e-3 of the learning rate (1e-2). Another partitioning sums gradients in another
+    # order, and Adam's first steps turn a float32 rounding difference in a near-zero gradient
+    # into up to lr of update (observed: <= 1e-6 on 5 of 4.1M embedding entries).
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5),
                  _params(single, 4), _params(multi, 4))
