@@ -24,7 +24,8 @@ def attention_mask(q_pos_BL: jnp.ndarray, q_seg_BL: jnp.ndarray, k_pos_BS: jnp.n
 
 
 def implementation(cfg: ModelConfig) -> str:
-    """'cudnn' when asked for, or on GPU in bfloat16 under 'auto'; the XLA kernel otherwise."""
+    """The kernel of forwards without a cache: 'cudnn' when asked for, or on GPU in bfloat16
+    under 'auto'; the XLA kernel otherwise. (With a cache, attention is `cached_attend`.)"""
     if cfg.attention_impl not in ("auto", "xla", "cudnn"):
         raise ValueError(f"attention_impl={cfg.attention_impl!r}: expected auto, xla or cudnn")
     if cfg.attention_impl == "auto":
