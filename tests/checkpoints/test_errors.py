@@ -1,10 +1,7 @@
 """Every conversion error names what is wrong (tensor, file or value)."""
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 from safetensors import safe_open
@@ -13,6 +10,7 @@ from safetensors.numpy import save_file
 from derta_jax.checkpoints.gguf import load_gguf
 from derta_jax.checkpoints.hf import load_hf
 from derta_jax.checkpoints.model_dir import load_model_dir, save_model_dir
+from tests.conftest import run_module
 
 
 def _rewrite(src, dst, edit):
@@ -123,9 +121,7 @@ def test_convert_cli_user_errors_are_one_line_exit_2(smollm2_gguf, tmp_path):
     cases = {("--gguf", str(cut)): "cut.gguf is truncated",
              ("--hf", str(tmp_path / "nowhere")): "Hugging Face folder not found: "}
     for args, message in cases.items():
-        run = subprocess.run([sys.executable, "-m", "derta_jax.convert", *args,
-                              "--out", str(tmp_path / "m")], capture_output=True, text=True,
-                             env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
+        run = run_module("derta_jax.convert", *args, "--out", str(tmp_path / "m"))
         assert run.returncode == 2, run.stderr
         assert run.stderr.count("\n") == 1 and message in run.stderr, run.stderr
     assert not (tmp_path / "m").exists()

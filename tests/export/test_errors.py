@@ -1,10 +1,7 @@
 """What export refuses, and how it says so."""
 import json
-import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -12,6 +9,7 @@ import pytest
 
 from derta_jax import export
 from derta_jax.checkpoints.resolve import resolve_checkpoint
+from tests.conftest import run_module
 
 
 def fake_workdir(root: pathlib.Path, model_dir: pathlib.Path, steps: list[int]) -> pathlib.Path:
@@ -110,9 +108,7 @@ def test_non_empty_output_needs_overwrite(model_dir, tmp_path):
 ])
 def test_cli_user_errors_are_one_line_exit_2(model_dir, tmp_path, args, message):
     args = [a.format(tmp=tmp_path, md=model_dir("llama")) for a in args]
-    proc = subprocess.run([sys.executable, "-m", "derta_jax.export", *args,
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
+    proc = run_module("derta_jax.export", *args, "--out", str(tmp_path / "out"))
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
