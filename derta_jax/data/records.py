@@ -17,7 +17,8 @@ plus `id` (file:line or dataset row) for the errors of the chat template that re
 A `Source` is a JSON-lines file (read here, line by line), a parquet, arrow or JSON file (`.json`:
 lines or one array), a dataset folder (`save_to_disk`, or a folder of data files) or a Hugging
 Face hub name with a split and revision; all but the first are read with the `datasets` library,
-imported only then. `Source.columns` maps our fields to the dataset's columns
+imported only then. Several sources separated by commas (`demo.jsonl,selfgen.jsonl`) are read in
+turn as one. `Source.columns` maps our fields to the dataset's columns
 (`"query=prompt,safe_response=chosen"`); unmapped fields take their usual spellings.
 
 A bad row (not UTF-8, not JSON, not an object, a missing, empty or non-string field, both
@@ -182,9 +183,19 @@ def _chat(messages: Any, kind: str) -> dict[str, Any]:
 
 def read_rows(source: Source | str | os.PathLike, kind: str, skip_invalid: bool = False
               ) -> tuple[list[dict[str, Any]], ReadReport]:
-    """All valid rows of a source, in its order, and the report of what was skipped."""
+    """All valid rows of a source, in its order, and the report of what was skipped. A path
+    with commas is several sources read in turn (same split, revision and columns)."""
     if not isinstance(source, Source):
         source = Source(source)
+    parts = [p.strip() for p in source.path.split(",") if p.strip()]
+    if len(parts) > 1:
+        rows, report = [], ReadReport(source.path)
+        for part in parts:
+            more, one = read_rows(dataclasses.replace(source, path=part), kind, skip_invalid)
+            rows += more
+            report.kept += one.kept
+            report.skipped.update(one.skipped)
+        return rows, report
     columns = parse_columns(source.columns, kind)
     if _is_json_lines(source.path):
         return _validate(_json_lines(source.path, kind), source.path, kind, columns, skip_invalid)

@@ -5,12 +5,13 @@ A test file is JSON lines, or one JSON array of objects (the official `.json` fi
 `question` and, for GSM8K and MMLU, an `answer`. Its kind comes from `--kind` or from the file
 name: `safety_<attack>[_<count>].json[l]` (the official `safety_pair.json`,
 `safety_codeattack.json`, ...; `safety_completionattack` is the raw-fed CompletionAttack) or
-`helpfulness_<gsm8k|mmlu|alpaca_eval|alpacaeval|overrefusal|arithmetic|howto>[_<count>].json[l]`
+`helpfulness_<gsm8k|mmlu|alpaca_eval|alpacaeval|overrefusal|arithmetic|howto|broad>[_<count>].json[l]`
 (the official `helpfulness_gsm8k_500.json`, `helpfulness_mmlu_500.json`,
 `helpfulness_alpaca_eval_300.json`, and any cut of them such as `helpfulness_alpaca_eval_40.json`;
 arithmetic: the demo's additions, scored like GSM8K; howto: the demo's harmless how-to questions,
-scored like overrefusal). The set's name (its report column and output file) is the file stem
-without that prefix and without a trailing `_<count>`, with `alpaca_eval` spelled `alpacaeval`.
+and broad: the demo's ordinary prompts over ten categories, both scored like overrefusal). The
+set's name (its report column and output file) is the file stem without that prefix and without
+a trailing `_<count>`, with `alpaca_eval` spelled `alpacaeval`.
 
 Prompts follow the official evaluation: MMLU and GSM8K questions are rewritten first
 (`question_text`; by kind, so the demo's arithmetic set, scored as GSM8K, is rewritten too), then
@@ -39,7 +40,8 @@ SAFETY_KINDS = (COMPLETION_ATTACK, SAFETY)
 _HELPFULNESS_KINDS = (GSM8K, MMLU, ALPACAEVAL, OVERREFUSAL)
 # Other helpfulness set names and the kind they are scored as.
 _NAMED_KINDS = {"arithmetic": GSM8K,  # demo: {question, answer: "144"}, final-number match
-                "howto": OVERREFUSAL}  # demo: harmless how-to questions shaped like harmful ones
+                "howto": OVERREFUSAL,  # demo: harmless how-to questions shaped like harmful ones
+                "broad": OVERREFUSAL}  # demo: ordinary prompts (coding, maths, ...), share refused
 # The paper's attacks (Table 2 order) and the demo's harmful questions: the safety set names that
 # eval's output files (`<set name>.jsonl`) are known by.
 OFFICIAL_ATTACKS = ("codeattack", "pair", "jailbreakchat", "selfcipher", "completionattack",

@@ -13,10 +13,11 @@ in the official proportions of each recipe (`data/recipe.py` RECIPES):
     derta      helpful + S/2 RTO + S/2 harmful-prefix examples  (DeRTa)
 
 then answers the held-out demo prompts with each trained model and the untouched one
-(`derta_jax.eval`: completion attacks, templated harmful questions, harmless prompts with alarming
-words and harmless how-to questions, both scored as over-refusal), and writes a Markdown report
-(`ablation_report.py`: ASR per attack kind and over-refusal as mean ± sample standard deviation
-over seeds, the final MLE/RTO losses from metrics.jsonl) and the refusal-position figure.
+(`derta_jax.eval`: completion attacks, templated harmful questions, and three sets scored as
+over-refusal: harmless prompts with alarming words, harmless how-to questions, broad ordinary
+prompts), and writes a Markdown report (`ablation_report.py`: ASR per attack kind and
+over-refusal as mean ± sample standard deviation over seeds, the final MLE/RTO losses from
+metrics.jsonl) and the refusal-position figure.
 
 Everything goes under --out (`train/<recipe>-s<seed>/` training workdirs, `eval/<model>/` eval
 outputs, `timings.json`). Re-running the same command skips finished trainings and evaluations and
@@ -43,7 +44,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from derta_jax import cli
 from derta_jax import convert
 from derta_jax import eval as eval_cli
-from derta_jax.data import pipeline
+from derta_jax.data import pipeline, selfgen
 from derta_jax.data import recipe as recipe_lib
 from derta_jax.evaluation import tasks
 from derta_jax.experiments.ablation_report import PAPER_NAMES, ROOT, UNTOUCHED, write_doc
@@ -54,7 +55,8 @@ DEFAULT_CONFIG = ROOT / "configs" / "smollm2.py"
 DEFAULT_MODEL_DIR = pathlib.Path("runs/models/smollm2-135m")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EVAL_SETS = ("safety_completionattack.jsonl", "safety_harmful_questions.jsonl",
-             "helpfulness_overrefusal.jsonl", "helpfulness_howto.jsonl")
+             "helpfulness_overrefusal.jsonl", "helpfulness_howto.jsonl",
+             "helpfulness_broad.jsonl")
 CACHE_DIR = "jax_cache"  # JAX's persistent compilation cache, shared by every job of a run
 COUNT_KEYS = ("rto_count", "prefix_count", "vanilla_count")  # the safety parts' config keys
 
@@ -170,6 +172,15 @@ def ensure_model_dir(model_dir: pathlib.Path) -> None:
     convert.main(["--gguf", str(gguf), "--out", str(model_dir)])
 
 
+def ensure_selfgen(config: ml_collections.ConfigDict, model_dir: pathlib.Path) -> None:
+    """Writes the demo's self-generated helpful pairs (`selfgen.DEMO_PAIRS`, as scripts/demo.sh
+    does) when the config trains on them and they are missing."""
+    if selfgen.DEMO_PAIRS in config.data.helpful.split(",") and \
+            not pathlib.Path(selfgen.DEMO_PAIRS).exists():
+        selfgen.main(["--checkpoint", str(model_dir), "--out", selfgen.DEMO_PAIRS,
+                      *selfgen.DEMO_ARGS, "--no-progress"])
+
+
 def train_finished(workdir: pathlib.Path, steps: int) -> bool:
     return (workdir / CHECKPOINT_DIR / str(steps) / "state").is_dir()
 
@@ -251,6 +262,7 @@ def run(plan: Plan) -> dict[str, Any]:
     """Trains and evaluates everything the plan asks for (skipping what is done); returns the
     results that `write_doc` turns into the report."""
     ensure_model_dir(plan.model_dir)
+    ensure_selfgen(base_config(plan), plan.model_dir)
     plan.out.mkdir(parents=True, exist_ok=True)
     timings_path = plan.out / "timings.json"
     timings = (json.loads(timings_path.read_text()) if timings_path.exists()

@@ -74,7 +74,7 @@ class DataConfig:
     safety_split: str = "train"  # split of a hub name or a saved DatasetDict
     safety_revision: str = ""  # hub names: branch, tag or commit; '' = the default branch
     safety_columns: str = ""  # "query=prompt,safe_response=chosen,..." our field=its column; '' = ours
-    helpful: str = ""  # helpfulness pairs, any of data.safety's kinds; '' = the bundled demo data
+    helpful: str = ""  # helpfulness pairs, any of data.safety's kinds (a,b: both); '' = demo data
     helpful_split: str = "train"  # split of a hub name or a saved DatasetDict
     helpful_revision: str = ""  # hub names: branch, tag or commit; '' = the default branch
     helpful_columns: str = ""  # "instruction=prompt,output=response" our field=its column; '' = ours

@@ -1,32 +1,15 @@
 """Fixtures of the training-run tests: one uninterrupted tiny run shared by the tests that resume,
-damage or kill copies of it, and a persistent compilation cache so that the same step compiles
-once per session (in-process and in the fault test's subprocesses)."""
+damage or kill copies of it (the compilation cache they share is tests/conftest.py's)."""
 import pathlib
 import shutil
 
-import jax
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from tests.training.run_helpers import tiny_config
 
 # The base run: 4 steps, checkpoints at 2 and 4 written in the background.
 BASE = dict(checkpoint__every_steps=2, checkpoint__async_save=True)
 BASE_STEPS = 4
-
-
-@pytest.fixture(scope="session", autouse=True)
-def compile_cache(tmp_path_factory) -> pathlib.Path:
-    """JAX's persistent compilation cache in a session folder: every `loop.train` jits its step
-    anew, and the tests' runs share a few shapes (the pattern of experiments/ablation.py)."""
-    key = "jax_compilation_cache_dir"
-    path = tmp_path_factory.mktemp("jax_cache")
-    before = getattr(jax.config, key)
-    jax.config.update(key, str(path))
-    compilation_cache.reset_cache()
-    yield path
-    jax.config.update(key, before)
-    compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="session")

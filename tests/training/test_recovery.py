@@ -152,3 +152,15 @@ def test_eval_and_export_resolve_the_newest_readable_step_and_refuse_non_finite_
     with pytest.raises(ValueError, match=r"checkpoints/6/state holds non-finite values in "
                                          r"params/layers_1/mlp/up_proj/kernel"):
         ckpt_6.params_tree()
+
+
+def test_an_unreadable_step_is_one_warning_not_storage_tracebacks(base_copy, caplog):
+    """A truncated OCDBT manifest: one warning line naming the step, and no storage-layer
+    traceback logged at any level."""
+    faults.DAMAGES["truncate state/manifest.ocdbt"](base_copy / "checkpoints" / "4")
+    with caplog.at_level(logging.DEBUG), faults.stop_before_the_first_step() as run:
+        loop.train(tiny_config(6, **BASE), base_copy)
+    assert run["start"] == 2
+    noisy = [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+    assert not noisy, [f"{r.name}: {r.getMessage()[:200]}" for r in noisy]
+    assert len(re.findall(r"checkpoints/4 cannot be restored", caplog.text)) == 1, caplog.text
