@@ -27,3 +27,13 @@ def test_loop_share_counts_degenerate_refusals_among_refusals():
             answer("Step 1: go", False)]
     assert ablation_report.loop_share(rows, "Sorry") == 50.0  # 2 of the 4 refusals loop
     assert ablation_report.loop_share(rows[-1:], "Sorry") is None
+
+
+def test_a_rewrite_keeps_what_is_below_the_hand_written_marker(tmp_path):
+    doc = tmp_path / "ablation.md"
+    assert ablation_report.with_hand_written(doc, "# new\n") == "# new\n"  # no page yet
+    doc.write_text("# old\nold table\n")
+    assert ablation_report.with_hand_written(doc, "# new\n") == "# new\n"  # no marker: all new
+    doc.write_text(f"# old\nold table\n\n{ablation_report.HAND_WRITTEN}\n## Demo choices\n| a |\n")
+    assert ablation_report.with_hand_written(doc, "# new\nnew table\n") == (
+        f"# new\nnew table\n\n{ablation_report.HAND_WRITTEN}\n## Demo choices\n| a |\n")
