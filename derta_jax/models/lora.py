@@ -23,8 +23,13 @@ def scale(cfg: ModelConfig) -> float:
 
 
 def adapters(module: nn.Module, cfg: ModelConfig, fan_in: int, fan_out: int,
+             axes: tuple[str | None, str | None] = (None, None),
              experts: int = 0) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Declares (or reads) lora_a / lora_b on `module`: A ~ kaiming-uniform like PEFT, B = 0."""
+    """Declares (or reads) lora_a / lora_b on `module`: A ~ kaiming-uniform like PEFT, B = 0.
+
+    `axes`: the logical names of the adapted kernel's first input and first output dimension.
+    A's input and B's output dimension take them (the rank stays whole), so the adapters and
+    their optimizer state shard like the kernel instead of being copied to every device."""
     lead = (experts,) if experts else ()
     lead_axes = ("expert",) if experts else ()
     bound = 1.0 / math.sqrt(fan_in)
@@ -35,9 +40,9 @@ def adapters(module: nn.Module, cfg: ModelConfig, fan_in: int, fan_out: int,
         return jax.random.uniform(key, lead + (fan_in, cfg.lora_rank), param_dtype, -bound, bound)
 
     a = module.variable(LORA_COLLECTION, "lora_a",
-                        nn.with_logical_partitioning(init_a, lead_axes + (None, None)))
+                        nn.with_logical_partitioning(init_a, lead_axes + (axes[0], None)))
     b = module.variable(LORA_COLLECTION, "lora_b", nn.with_logical_partitioning(
-        lambda: jnp.zeros(lead + (cfg.lora_rank, fan_out), param_dtype), lead_axes + (None, None)))
+        lambda: jnp.zeros(lead + (cfg.lora_rank, fan_out), param_dtype), lead_axes + (None, axes[1])))
     return nn.meta.unbox(a.value), nn.meta.unbox(b.value)
 
 

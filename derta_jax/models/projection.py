@@ -45,7 +45,7 @@ class Projection(nn.Module):
         y = (h @ kernel.astype(dtype).reshape(fan_in, fan_out)).reshape(*lead, *self.shape[self.n_in:])
         if not uses_lora(cfg, self.name):
             return y
-        a, b = lora.adapters(self, cfg, fan_in, fan_out)
+        a, b = lora.adapters(self, cfg, fan_in, fan_out, (self.axes[0], self.axes[self.n_in]))
         h = nn.Dropout(cfg.lora_dropout)(h, deterministic=self.deterministic)
         delta = (h @ a.astype(dtype)) @ b.astype(dtype)
         return y + (lora.scale(cfg) * delta).reshape(y.shape).astype(dtype)
@@ -71,7 +71,8 @@ class ExpertProjection(nn.Module):
         y = jnp.einsum(f"{spec},eio->bleo", x, kernel.astype(dtype))
         if not uses_lora(cfg, self.name):
             return y
-        a, b = lora.adapters(self, cfg, self.shape[1], self.shape[2], experts=self.shape[0])
+        a, b = lora.adapters(self, cfg, self.shape[1], self.shape[2], self.axes[1:],
+                             experts=self.shape[0])
         h = nn.Dropout(cfg.lora_dropout)(x, deterministic=self.deterministic)
         delta = jnp.einsum("bler,ero->bleo", jnp.einsum(f"{spec},eir->bler", h, a.astype(dtype)),
                            b.astype(dtype))
