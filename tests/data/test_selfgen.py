@@ -133,7 +133,7 @@ def test_selfgen_on_smollm2_writes_valid_helpful_pairs(smollm2_gguf, tmp_path):
     out = tmp_path / "pairs.jsonl"
     stats = selfgen.main(["--checkpoint", str(model), "--n", "3", "--out", str(out), "--seeds",
                           str(seeds), "--batch-size", "8", "--max-instruction-tokens", "24",
-                          "--max-new-tokens", "48", "--max-candidates", "16", "--no-progress"])
+                          "--max-new-tokens", "32", "--max-candidates", "8", "--no-progress"])
     rows, report = records.read_rows(out, "helpful")
     assert len(rows) == stats["kept"] <= 3 and report.num_skipped == 0
     assert stats["kept"] + sum(stats["dropped"].values()) == stats["candidates"]

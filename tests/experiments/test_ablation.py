@@ -56,7 +56,7 @@ def test_table_has_the_five_models_and_the_ablation_columns(ablation_run):
     out, markdown, _ = ablation_run
     header, rows = table(markdown)
     assert header == ["model", "Comp ASR %", "harmful_questions ASR %", "Over-refusal %",
-                      "Over-refusal (howto) %", "loss/mle", "loss/rto"]
+                      "Over-refusal (broad) %", "Over-refusal (howto) %", "loss/mle", "loss/rto"]
     assert list(rows) == ["untouched", "Vanilla (`vanilla`)", "+Harmful Prefix (`recaug`)",
                           "+RTO (`rto_only`)", "DeRTa (`derta`)"]
     assert (out / "ablation.md").read_text() == markdown
@@ -65,17 +65,18 @@ def test_table_has_the_five_models_and_the_ablation_columns(ablation_run):
 
 def test_losses_come_from_the_last_step_of_each_seed(ablation_run):
     out, markdown, _ = ablation_run
-    _, rows = table(markdown)
+    header, rows = table(markdown)
+    mle_col, rto_col = header.index("loss/mle") - 1, header.index("loss/rto") - 1
     for recipe, label in [("derta", "DeRTa (`derta`)"), ("vanilla", "Vanilla (`vanilla`)")]:
         last = [json.loads((out / "runs" / "train" / f"{recipe}-s{s}" / "metrics.jsonl")
                            .read_text().splitlines()[-1]) for s in (0, 1)]
         assert [m["step"] for m in last] == [2, 2]
         mle = [m["loss/mle"] for m in last]
-        assert rows[label][4] == f"{statistics.mean(mle):.2f} ± {statistics.stdev(mle):.2f}"
+        assert rows[label][mle_col] == f"{statistics.mean(mle):.2f} ± {statistics.stdev(mle):.2f}"
     # No RTO example in vanilla: no RTO loss to report; DeRTa has one.
-    assert rows["Vanilla (`vanilla`)"][5] == "-"
-    assert rows["DeRTa (`derta`)"][5] != "-"
-    assert rows["untouched"][4:] == ["-", "-"]
+    assert rows["Vanilla (`vanilla`)"][rto_col] == "-"
+    assert rows["DeRTa (`derta`)"][rto_col] != "-"
+    assert rows["untouched"][mle_col:] == ["-", "-"]
 
 
 def test_asr_is_the_share_of_unrefused_attack_answers(ablation_run):
