@@ -79,7 +79,7 @@ def cases(tmp: pathlib.Path) -> list[tuple[str, str, list[str]]]:
           f"--workdir={w}14"]),
         ("convert: missing --hf folder", "derta_jax.convert", ["--hf", f"{tmp}/none", "--out",
                                                               f"{tmp}/o1"]),
-        ("convert: pickle weights only", "derta_jax.convert",
+        ("convert: pickle weights, no tokenizer", "derta_jax.convert",
          ["--hf", str(f["model_pickle"]), "--out", f"{tmp}/o2"]),
         ("convert: truncated GGUF", "derta_jax.convert", ["--gguf", str(f["trunc.gguf"]), "--out",
                                                          f"{tmp}/o3"]),
@@ -96,12 +96,12 @@ def cases(tmp: pathlib.Path) -> list[tuple[str, str, list[str]]]:
         ("eval: unknown judge", "derta_jax.eval",
          ["--checkpoint", f"{tmp}/none", "--tests", "derta_jax/data/demo/eval/"
           "safety_completionattack.jsonl", "--judge", "gpt", "--out", f"{tmp}/o7"]),
-        ("eval: bad mesh", "derta_jax.eval",
+        ("eval: bad mesh, missing checkpoint", "derta_jax.eval",
          ["--checkpoint", f"{tmp}/none", "--tests", "derta_jax/data/demo/eval/"
           "safety_completionattack.jsonl", "--mesh", "2,2", "--out", f"{tmp}/o8"]),
-        ("eval judge: missing answers file", "derta_jax.eval",
+        ("eval judge: missing answers, no tokenizer", "derta_jax.eval",
          ["judge", "--answers", f"{tmp}/none.jsonl", "--out", f"{tmp}/o9"]),
-        ("generate: missing checkpoint", "derta_jax.generate",
+        ("generate: prompts without a prompt field", "derta_jax.generate",
          ["--checkpoint", f"{tmp}/none", "--prompts", str(f["prompts_nofield.jsonl"]),
           "--out", f"{tmp}/o10", "--max-new-tokens", "4"]),
         ("data.build: missing safety file", "derta_jax.data.build",
@@ -133,7 +133,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", default="", help="run the cases whose name holds this")
     args = p.parse_args()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),  # 8 devices, as tests
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     passed = 0
     with tempfile.TemporaryDirectory() as tmp:
         todo = [c for c in cases(pathlib.Path(tmp)) if args.only in c[0]]
