@@ -34,9 +34,11 @@ PART_NAMES = {"rto_count": "RTO", "prefix_count": "harmful-prefix MLE",
 Reports = dict[str, list[dict[str, Any]]]  # model -> report.json of each of its runs (seeds)
 
 
-# ---- the numbers ----------------------------------------------------------------------------
+# The end of the page that reruns keep (with_hand_written).
 HAND_WRITTEN = "<!-- Written by hand below this line; rerunning the ablation keeps it. -->"
 
+
+# ---- the numbers ----------------------------------------------------------------------------
 def final_losses(workdir: pathlib.Path, window: int) -> dict[str, float | None]:
     """Mean loss/mle and loss/rto over the last `window` logged steps (loss/rto: None when the
     recipe has no RTO tokens)."""
