@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import itertools
 import json
 import pathlib
 import random
@@ -81,9 +82,6 @@ class HeldOut:
 
     def __init__(self, prompts: Sequence[str] = ()):
         self._prompts = [(_normal(p), words(p)) for p in prompts if _normal(p)]
-
-    def __len__(self) -> int:
-        return len(self._prompts)
 
     def matches(self, text: str) -> bool:
         norm, bag = _normal(text), words(text)
@@ -221,7 +219,7 @@ def _model_fns(args: argparse.Namespace) -> tuple[GenerateFn, JudgeFn]:
     model = loading.load_eval_model(args.checkpoint, args.dtype)
     tok, head = model.tokenizer, pre_query(model.tokenizer)
     stops = tasks.stop_ids(model.cfg, tok)
-    calls = iter(range(1 << 30))  # a fresh sampling seed per round, from --seed
+    calls = itertools.count()  # a fresh sampling seed per round, from --seed
 
     def generate(texts: list[str], what: str) -> list[tuple[str, bool]]:
         sampled = what == "instruct"
@@ -252,8 +250,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from derta_jax.data.pipeline import DEMO_EVAL_DIR
     args = _parse(argv)
     out = pathlib.Path(args.out)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size {args.batch_size}: expected >= 1")
+    for flag in ("n", "batch_size", "max_instruction_tokens", "max_new_tokens"):
+        if getattr(args, flag) < 1:  # before the model loads
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected >= 1")
     seeds = read_seeds(args.seeds) if args.seeds else []
     exclude = sorted(DEMO_EVAL_DIR.glob("*.jsonl")) + [p for p in args.exclude.split(",") if p]
     held_out = HeldOut(read_held_out(exclude))

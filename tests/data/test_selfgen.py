@@ -142,3 +142,29 @@ def test_selfgen_on_smollm2_writes_valid_helpful_pairs(smollm2_gguf, tmp_path):
     for row in rows:
         assert row["instruction"].startswith(("Write one sentence about", "Name three"))
         assert not held_out.matches(row["instruction"]) and row["output"]
+
+
+@pytest.mark.parametrize("flag", ["--n", "--batch-size", "--max-new-tokens"])
+def test_a_bad_count_is_named_before_any_model_loads(tmp_path, flag):
+    argv = ["--checkpoint", str(tmp_path / "no-model"), "--n", "2", "--out", str(tmp_path / "o")]
+    with pytest.raises(ValueError, match=f"^{flag} 0: expected >= 1"):
+        selfgen.main([*argv, flag, "0"])
+
+
+def test_the_ablation_makes_the_demo_pairs_only_when_the_config_needs_them(tmp_path, monkeypatch):
+    import ml_collections
+    from derta_jax.experiments import ablation
+    calls = []
+    monkeypatch.setattr(selfgen, "main", lambda argv: calls.append(argv))
+    monkeypatch.chdir(tmp_path)
+    config = ml_collections.ConfigDict({"data": {"helpful": "h.jsonl"}})
+    ablation.ensure_selfgen(config, tmp_path / "model")
+    assert calls == []  # not trained on
+    config.data.helpful = f"h.jsonl,{selfgen.DEMO_PAIRS}"
+    ablation.ensure_selfgen(config, tmp_path / "model")
+    assert calls == [["--checkpoint", str(tmp_path / "model"), "--out", selfgen.DEMO_PAIRS,
+                      *selfgen.DEMO_ARGS, "--no-progress"]]
+    (tmp_path / selfgen.DEMO_PAIRS).parent.mkdir(parents=True)
+    (tmp_path / selfgen.DEMO_PAIRS).write_text("")
+    ablation.ensure_selfgen(config, tmp_path / "model")
+    assert len(calls) == 1  # there already: kept
