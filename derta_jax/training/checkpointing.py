@@ -12,6 +12,13 @@ error listing what was tried: a run never silently restarts from scratch. Tempor
 saves that did not finish (`<step>.orbax-checkpoint-tmp...`) are not progress: `remove_unfinished`
 deletes them at start. A save that runs out of disk space raises `DiskFullError`; Orbax deletes
 old steps only after a new one is complete, so the earlier checkpoints stay intact.
+
+Orbax reads a step with one TensorStore read per tensor, gathered in a fresh asyncio loop that it
+closes as soon as the first read fails; the reads still in flight then answer the closed loop from
+TensorStore's threads, and TensorStore reports each RuntimeError("Event loop is closed") as
+unraisable: a bare traceback on stderr each, none to dozens per damaged step as the timing goes.
+`make_manager` makes the process drop exactly those reports, for good (a read in flight may answer
+after the restore returned), so a damaged step reads as its one warning.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import logging
 import os
 import pathlib
 import shutil
+import sys
 from typing import Any
 
 import grain
@@ -47,7 +55,31 @@ class Unreadable(Exception):
     """A step that cannot be restored: damaged, incomplete, or holding non-finite values."""
 
 
+def _late_loop_callback(report: Any) -> bool:
+    """True for an unraisable report of a callback answering an asyncio loop that is closed (a
+    read of a step that already failed: nothing waits for it any more)."""
+    tb = report.exc_traceback
+    return (report.exc_type is RuntimeError and str(report.exc_value) == "Event loop is closed"
+            and tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe")
+
+
+def _drop_late_loop_callbacks() -> None:
+    """Makes sys.unraisablehook drop the reports of `_late_loop_callback` (once per process; every
+    other report goes to the hook there was)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_late_loop_callbacks", False):
+        return
+
+    def hook(report: Any) -> None:
+        if not _late_loop_callback(report):
+            previous(report)
+
+    hook.drops_late_loop_callbacks = True
+    sys.unraisablehook = hook
+
+
 def make_manager(workdir: str | pathlib.Path, keep: int, async_save: bool) -> ocp.CheckpointManager:
+    _drop_late_loop_callbacks()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True)
     return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / CHECKPOINT_DIR, options=options)
