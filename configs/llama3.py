@@ -11,6 +11,16 @@ Variants (`:variant[,recipe]`, recipe one of derta | vanilla | recaug | rto_only
                      linearly decayed to 0 (the HF Trainer default: train.sh sets no scheduler),
                      no warmup, wd 0, max len 512, all RTO positions kept
   70b_instruct_lora  the same on LLaMA-3-70B-Instruct
+  8b_dpo             the paper's DPO baseline (Figure 5, Appendix B): one epoch of DPO (β 0.1, TRL's
+                     default) on top of the vanilla safety-tuned 8B (`:8b,vanilla`, then
+                     `python -m derta_jax.export` and `python -m derta_jax.convert --hf` into
+                     models/llama3-8b-vanilla), lr 5e-7, full parameter: the reference log-probs
+                     are computed once at start (<workdir>/reference_logps.npz); pairs: helpful rows
+                     with a `rejected` answer (the paper: Qwen1.5-0.5B-chat's) and every safety
+                     triple (safe chosen, harmful rejected); data.max_length 2048 is the pair's
+                     budget, 1024 tokens per response sequence as the official block size
+  70b_dpo_lora       the same on the vanilla-tuned 70B with the LoRA settings, lr 2e-6; the frozen
+                     base is the reference (no second copy of the weights); 512 tokens per sequence
 All (the official protocol, derta-method.md "Batching"): 128 examples per optimizer step, packed
 into a fixed number of rows (the plan is logged and written to <workdir>/plan.json), 2 epochs of
 ceil(examples / 128) steps (~1,030 steps for 66K examples), base template ending every response
@@ -25,7 +35,9 @@ keeps at least one RTO position), `--config.optimizer.decay_norms=False` (no dec
 from derta_jax.training.config import base_config
 
 CHECKPOINTS = {"8b": "models/llama3-8b", "70b_lora": "models/llama3-70b",
-               "70b_instruct_lora": "models/llama3-70b-instruct"}
+               "70b_instruct_lora": "models/llama3-70b-instruct",
+               "8b_dpo": "models/llama3-8b-vanilla", "70b_dpo_lora": "models/llama3-70b-vanilla"}
+DPO = {"8b_dpo": 5e-7, "70b_dpo_lora": 2e-6}  # the paper's DPO learning rates
 
 
 def full_parameter(c):
@@ -74,9 +86,24 @@ def parse(arg: str | None, default: str) -> tuple[str, str]:
     return variant, recipe or "derta"
 
 
+def dpo(c, learning_rate: float):
+    c.loss.objective = "dpo"
+    c.loss.beta = 0.1
+    c.data.max_length *= 2  # a pair's two sequences share one packed row
+    c.optimizer.learning_rate = learning_rate
+    c.train.epochs = 1.0
+    return c
+
+
 def get_config(arg=None):
     variant, recipe = parse(arg, "8b")
     if variant not in CHECKPOINTS:
         raise ValueError(f"configs/llama3.py variant {variant!r}: expected one of {list(CHECKPOINTS)}")
+    if variant in DPO:
+        if arg and "," in arg:
+            raise ValueError(f"configs/llama3.py variant {variant!r} takes no recipe (its data are "
+                             "the preference pairs)")
+        recipe = "preference"
     c = paper_defaults(base_config(), CHECKPOINTS[variant], recipe)
-    return full_parameter(c) if variant == "8b" else lora(c)
+    c = full_parameter(c) if variant in ("8b", "8b_dpo") else lora(c)
+    return dpo(c, DPO[variant]) if variant in DPO else c

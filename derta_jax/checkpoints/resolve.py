@@ -31,6 +31,7 @@ from etils import epath
 from derta_jax.checkpoints.names import ParamPath, canonical_shapes, check_params, set_leaf
 from derta_jax.checkpoints.model_dir import CONFIG_FILE, PARAMS_DIR, load_config
 from derta_jax.models.config import ModelConfig
+from derta_jax.models.lora import merge_lora
 
 WORKDIR_MODEL = "model"
 WORKDIR_CHECKPOINTS = "checkpoints"
@@ -85,6 +86,14 @@ class Checkpoint:
         if a not in self.lora or b not in self.lora:
             raise ValueError(f"no LoRA adapter for {'/'.join(kernel[:-1])} in {self.item_dir}")
         return self._read(self.lora[a], index), self._read(self.lora[b], index)
+
+    def merged_param(self, path: ParamPath) -> np.ndarray:
+        """The canonical tensor at `path` with its LoRA adapter (if it has one) merged in."""
+        kernel = self.read_param(path)
+        if path[:-1] + ("lora_a",) not in self.lora:
+            return kernel
+        a, b = self.read_lora(path)
+        return np.asarray(merge_lora({"kernel": kernel}, {"lora_a": a, "lora_b": b}, self.cfg)["kernel"])
 
     def lora_kernels(self) -> list[ParamPath]:
         """Canonical kernel paths that carry a LoRA adapter."""

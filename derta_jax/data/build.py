@@ -1,7 +1,7 @@
 """Writes a DeRTa mixture as the official `{prefix, text, safe}` JSON lines.
 
     python -m derta_jax.data.build --recipe derta --safety S.jsonl --helpful H.jsonl --out F.jsonl \
-        [--rto-count 3000 --prefix-count 3000 --vanilla-count N --helpful-count N] \
+        [--rto-count 3000 --prefix-count 3000 --vanilla-count N --helpful-count N --pairs-count N] \
         [--seed 0] [--cut word|token] [--template base|chat --tokenizer DIR] \
         [--eos-text '<|end_of_text|>'] [--skip-invalid] [--assistant-turns all|last] \
         [--safety-split train --safety-revision REV --safety-columns query=prompt,...] \
@@ -13,7 +13,8 @@ data.helpful take (JSON lines, parquet/arrow/json, a dataset folder or a hub nam
 builds from the same arguments (`pipeline.mixture_records`; data.eos_text is --eos-text). Counts
 left out are the official ones, or what the sources have when that is fewer (logged). The output
 can be read by the official training code (token-cut records carry extra `harmful` and `cut_text`
-fields it ignores).
+fields it ignores). `--recipe preference` writes `{prefix, chosen, rejected}` pairs instead
+(the DPO baseline's data: helpful rows with a `rejected` answer, then the safety triples; `--pairs-count`).
 """
 from __future__ import annotations
 
@@ -24,13 +25,13 @@ from typing import Sequence
 
 from derta_jax import cli
 from derta_jax.data import pipeline, records
-from derta_jax.data.recipe import CUTS, PARTS, RECIPES
+from derta_jax.data.recipe import ALL_RECIPES, CUTS, PARTS
 from derta_jax.data.templates import ASSISTANT_TURNS, OFFICIAL_EOS
 
 
 def _parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m derta_jax.data.build", description=__doc__.split("\n")[0])
-    p.add_argument("--recipe", choices=RECIPES, required=True)
+    p.add_argument("--recipe", choices=ALL_RECIPES, required=True)
     for kind, rows in (("safety", "triples"), ("helpful", "pairs")):
         p.add_argument(f"--{kind}", required=True, help=f"{kind} {rows}: JSON lines, parquet/arrow/"
                        "json, a dataset folder or hub name, or 'demo'")
@@ -43,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     for part in PARTS:
         p.add_argument(f"--{part}-count", type=int, default=None, help="default: all pairs (official)"
-                       if part == "helpful" else "default: the official count, or all the sources give")
+                       if part in ("helpful", "pairs")
+                       else "default: the official count, or all the sources give")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cut", choices=CUTS, default="word")
     p.add_argument("--template", choices=("base", "chat"), default="base")

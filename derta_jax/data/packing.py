@@ -14,7 +14,7 @@ import numpy as np
 
 FEATURES = ("tokens", "targets", "loss_mask", "rto_mask")
 BATCH_KEYS = FEATURES + ("segment_ids", "positions")
-Example = dict[str, np.ndarray]  # one example's [n] FEATURES (tokenize.materialize)
+Example = dict[str, np.ndarray]  # one example's [n] arrays (tokenize.materialize)
 
 
 def first_fit_decreasing(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
@@ -38,22 +38,32 @@ def first_fit_decreasing(lengths: Sequence[int], seq_len: int) -> list[list[int]
 
 def fill_rows(examples: Sequence[Example], bins: Sequence[Sequence[int]], rows: int,
               length: int) -> dict[str, np.ndarray]:
-    """A [rows, length] batch: row r holds examples bins[r] one after the other; the rest is padding."""
+    """A [rows, length] batch: row r holds examples bins[r] one after the other; the rest is padding.
+
+    An example with `pieces` (a preference pair: 0 chosen, 1 rejected) takes one segment per
+    piece, so pair j of a row of pairs is segments 2j + 1 (chosen) and 2j + 2 (rejected), and its
+    `positions` restart per piece. `ref_logps` (float32) is carried when the examples have it.
+    """
     if len(bins) > rows:
         raise ValueError(f"{len(bins)} rows of examples do not fit a batch of {rows} rows")
-    out = {k: np.zeros((rows, length), bool if k.endswith("mask") else np.int32)
-           for k in BATCH_KEYS}
+    copied = FEATURES + (("ref_logps",) if examples and "ref_logps" in examples[0] else ())
+    out = {k: np.zeros((rows, length), bool if k.endswith("mask") else
+                       np.float32 if k == "ref_logps" else np.int32)
+           for k in copied + ("segment_ids", "positions")}
     for r, members in enumerate(bins):
-        offset = 0
-        for segment, i in enumerate(members, start=1):
+        offset, segment = 0, 0
+        for i in members:
             e = examples[i]
             n = len(e["tokens"])
             if offset + n > length:
                 raise ValueError(f"examples of {offset + n} tokens do not fit a row of {length}")
-            for k in FEATURES:
-                out[k][r, offset:offset + n] = e[k]
-            out["segment_ids"][r, offset:offset + n] = segment
-            out["positions"][r, offset:offset + n] = np.arange(n)
+            sl = slice(offset, offset + n)
+            for k in copied:
+                out[k][r, sl] = e[k]
+            pieces = e.get("pieces", np.zeros(n, np.int32))
+            out["segment_ids"][r, sl] = segment + 1 + pieces
+            out["positions"][r, sl] = e.get("positions", np.arange(n))
+            segment += int(pieces[-1]) + 1
             offset += n
     return out
 

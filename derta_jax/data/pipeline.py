@@ -19,11 +19,11 @@ import pathlib
 from typing import Any
 
 from derta_jax.data import records as records_mod
-from derta_jax.data.recipe import DertaRecord, build_mixture
+from derta_jax.data.recipe import PREFERENCE, DertaRecord, PairRecord, build_mixture
 from derta_jax.data.records import Source
 from derta_jax.data.refusal import DEFAULT_REFUSAL, refusal_token_id
 from derta_jax.data.templates import OFFICIAL_EOS, make_template
-from derta_jax.data.tokenize import BuildStats, TokenizedExample, build_examples
+from derta_jax.data.tokenize import BuildStats, TokenizedExample, build_examples, build_pair_examples
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,15 @@ def mixture_records(recipe: str, safety: Source | str | os.PathLike,
                     helpful: Source | str | os.PathLike,
                     tokenizer: Any = None, template: str = "base", cut: str = "word", seed: int = 0,
                     skip_invalid: bool = False, eos_text: str = OFFICIAL_EOS,
-                    assistant_turns: str = "all", **counts: int | None) -> list[DertaRecord]:
+                    assistant_turns: str = "all", **counts: int | None
+                    ) -> list[DertaRecord] | list[PairRecord]:
     """Reads and validates both sources, then builds the recipe's `{prefix, text, safe}` records.
 
     `safety`, `helpful`: a path or hub name, or a `records.Source` (split, revision, columns).
     `tokenizer`: only for template="chat". `eos_text`: the base template's eos string.
     `assistant_turns`: all | last, the assistant turns of multi-turn rows that carry loss.
-    `counts`: helpful_count, rto_count, prefix_count, vanilla_count (None or -1 = official).
+    `counts`: helpful_count, rto_count, prefix_count, vanilla_count, pairs_count (None or -1 =
+    official). The preference recipe gives PairRecords.
     """
     triples, safety_report = records_mod.read_rows(safety, "safety", skip_invalid)
     pairs, helpful_report = records_mod.read_rows(helpful, "helpful", skip_invalid)
@@ -74,6 +76,10 @@ def training_examples(tokenizer: Any, recipe: str = "derta",
                            eos_text, assistant_turns, **counts)
     if template == "base":
         _warn_if_not_one_token(tokenizer, eos_text)
+    if recipe == PREFERENCE:
+        examples, stats = build_pair_examples(recs, tokenizer, max_length, template, add_bos)
+        log.info("recipe %s: %s", recipe, stats)
+        return examples, stats
     refusal_id = refusal_token_id(tokenizer, refusal_token)
     examples, stats = build_examples(recs, tokenizer, max_length, refusal_id, template, add_bos)
     log.info("recipe %s: %s", recipe, stats)

@@ -32,6 +32,10 @@ Multi-turn rows (`messages`, chat template): T(q) is the conversation before the
 turn (`Template.conversation`), so the responses, the harmful prefix and the RTO positions all sit
 in the last assistant turn; with `Template.all_turns` each record also carries the character
 spans of the earlier assistant turns (`DertaRecord.turns`), which carry plain MLE loss.
+
+`preference` (not a DeRTa mixture) gives the DPO baseline's pairs `{prefix, chosen, rejected}`
+(`PairRecord`): helpful rows that have a `rejected` answer, then every safety triple with the safe
+response chosen and the harmful one rejected (`helpful_count`, `pairs_count`; default all).
 """
 from __future__ import annotations
 
@@ -52,7 +56,9 @@ RECIPES: Mapping[str, Mapping[str, int]] = {
     "recaug": {"prefix": 6000},
     "rto_only": {"rto": 3000, "vanilla": 3000},
 }
-PARTS = ("helpful", "rto", "prefix", "vanilla")  # each has a count argument `{part}_count`
+PREFERENCE = "preference"  # the pairs recipe (loss.objective dpo | ipo | simpo): PairRecords
+ALL_RECIPES = (*RECIPES, PREFERENCE)
+PARTS = ("helpful", "rto", "prefix", "vanilla", "pairs")  # each has a count argument `{part}_count`
 OFFICIAL = -1  # a count meaning "the official one" (None means the same)
 CUTS = ("word", "token")
 
@@ -101,6 +107,18 @@ class DertaRecord:
         """The inverse of `to_json` (an official file's line too)."""
         return cls(d["prefix"], d["text"], d["safe"] == "true", d.get("harmful", ""),
                    d.get("cut_text", ""), tuple(tuple(span) for span in d.get("turns", ())))
+
+
+@dataclasses.dataclass(frozen=True)
+class PairRecord:
+    """One preference pair before tokenisation: two responses to one prompt, loss only on them."""
+
+    prefix: str
+    chosen: str
+    rejected: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"prefix": self.prefix, "chosen": self.chosen, "rejected": self.rejected}
 
 
 def _prompt(template: Template, row: Mapping[str, Any], query_key: str) -> tuple[str, tuple]:
@@ -192,20 +210,53 @@ def _take(part: str, records: list[DertaRecord], count: int | None,
     return records[:count]
 
 
+def preference_records(safety: Sequence[dict], helpful: Sequence[dict], template: Template,
+                       helpful_count: int | None = None, pairs_count: int | None = None
+                       ) -> list[PairRecord]:
+    """The DPO baseline's pairs (derta-method.md, "Hyperparameters"): helpful rows with a
+    `rejected` answer (chosen: their `output`), then safety triples (chosen: the safe response,
+    rejected: the harmful one). Counts left as None or -1 take all; helpful rows without
+    `rejected` are left out and counted in the log. Only the last assistant turn of a multi-turn
+    row carries loss."""
+    with_rejected = [p for p in helpful if "rejected" in p]
+    if len(with_rejected) < len(helpful):
+        log.info("preference: %d of %d helpful rows have no 'rejected' answer and are left out",
+                 len(helpful) - len(with_rejected), len(helpful))
+    out = []
+    for p in _take("helpful", with_rejected, helpful_count, None):
+        prompt, _ = _prompt(template, p, "instruction")
+        out.append(PairRecord(prompt, template.response(p["output"]), template.response(p["rejected"])))
+    n_helpful = len(out)
+    for t in _take("pairs", list(safety), pairs_count, None):
+        prompt, _ = _prompt(template, t, "query")
+        out.append(PairRecord(prompt, template.response(t["safe_response"]),
+                              template.response(t["harmful_response"])))
+    log.info("recipe preference: %d helpful + %d safety pairs", n_helpful, len(out) - n_helpful)
+    return out
+
+
 def build_mixture(recipe: str, safety: Sequence[dict], helpful: Sequence[dict],
                   template: Template | None = None, seed: int = 0, cut: str = "word",
                   helpful_count: int | None = None, rto_count: int | None = None,
-                  prefix_count: int | None = None, vanilla_count: int | None = None
-                  ) -> list[DertaRecord]:
-    """The records of one mixture, in the official order (helpful first).
+                  prefix_count: int | None = None, vanilla_count: int | None = None,
+                  pairs_count: int | None = None) -> list[DertaRecord] | list[PairRecord]:
+    """The records of one mixture, in the official order (helpful first); PairRecords for the
+    preference recipe.
 
     Counts left as None or -1 take the official ones (all helpful pairs; see RECIPES), or what
     the sources have when that is fewer; a count for a part the recipe does not use is an error.
     """
-    if recipe not in RECIPES:
-        raise ValueError(f"recipe={recipe!r}: expected one of {', '.join(RECIPES)}")
+    if recipe not in ALL_RECIPES:
+        raise ValueError(f"recipe={recipe!r}: expected one of {', '.join(ALL_RECIPES)}")
     template = template or base_template()
-    counts = {"rto": rto_count, "prefix": prefix_count, "vanilla": vanilla_count}
+    counts = {"rto": rto_count, "prefix": prefix_count, "vanilla": vanilla_count,
+              "pairs": pairs_count}
+    if recipe == PREFERENCE:
+        for part in ("rto", "prefix", "vanilla"):
+            if not _is_official(counts[part]):
+                raise ValueError(f"{part}_count={counts[part]} given but recipe {recipe!r} has no "
+                                 f"{part} part (it has helpful and pairs)")
+        return preference_records(safety, helpful, template, helpful_count, pairs_count)
     parts = RECIPES[recipe]
     for part, count in counts.items():
         if not _is_official(count) and part not in parts:

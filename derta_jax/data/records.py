@@ -4,7 +4,8 @@ Three kinds of rows:
 
 - `safety`: triples `{query, harmful_response, safe_response}`; the official BeaverTails-derived
   release writes them as `{instruction, output, safe_response}`, accepted too.
-- `helpful`: pairs `{instruction, output}` (the official WizardLM-uncensored files).
+- `helpful`: pairs `{instruction, output}` (the official WizardLM-uncensored files), optionally
+  with `rejected`, a worse answer to the same instruction (preference pairs).
 - `eval`: `{question}` with an optional `answer` (string or number, kept as a string).
 
 Safety and helpful rows can instead be multi-turn chats: `messages`, a list of `{role, content}`
@@ -46,6 +47,10 @@ FIELDS: dict[str, dict[str, tuple[str, ...]]] = {
     "helpful": {"instruction": ("instruction",), "output": ("output",)},
     "eval": {"question": ("question",)},
 }
+# kind -> {optional field: accepted spellings}: kept when present (null counts as absent)
+OPTIONAL: dict[str, dict[str, tuple[str, ...]]] = {
+    "helpful": {"rejected": ("rejected",)},  # a worse answer: preference pairs (recipe=preference)
+}
 ROLES = ("system", "user", "assistant")
 # kind -> the fields a multi-turn row has besides `messages` (read as FIELDS spells them)
 CHAT_FIELDS = {"safety": ("harmful_response", "safe_response"), "helpful": ()}
@@ -73,7 +78,8 @@ def parse_columns(spec: str, kind: str) -> dict[str, str]:
         field, sep, column = (s.strip() for s in item.partition("="))
         if not sep or not field or not column:
             raise ValueError(f"{item!r} is not field=column")
-        known = [*FIELDS[kind], *(["messages"] if kind in CHAT_FIELDS else [])]
+        known = [*FIELDS[kind], *OPTIONAL.get(kind, {}),
+                 *(["messages"] if kind in CHAT_FIELDS else [])]
         if field not in known:
             raise ValueError(f"{field!r} is not a {kind} field ({', '.join(known)})")
         if field in out:
@@ -132,6 +138,16 @@ def parse_record(obj: Any, kind: str, columns: dict[str, str] | None = None) -> 
             raise ValueError(f"field {present[0]!r} is {type(value).__name__}, expected a string")
         if not value.strip():
             raise ValueError(f"field {present[0]!r} is empty")
+        out[name] = value
+    for name, spellings in OPTIONAL.get(kind, {}).items():
+        key = (columns or {}).get(name, spellings[0])
+        if obj.get(key) is None:
+            continue
+        value = obj[key]
+        if not isinstance(value, str):
+            raise ValueError(f"field {key!r} is {type(value).__name__}, expected a string")
+        if not value.strip():
+            raise ValueError(f"field {key!r} is empty")
         out[name] = value
     if kind == "eval" and "answer" in obj:
         answer = obj["answer"]

@@ -31,6 +31,9 @@ Rules (the official `preprocess_function`, plus what it leaves open):
   labels (`TokenizedExample.turns`), supervised with plain MLE (never RTO). Each such token list
   must be a prefix of the prefix's tokens, else the boundary is not stable under the tokenizer:
   an error naming the record and showing its text. The drop rule above looks at the last turn.
+- Preference pairs (`PairRecord`, `build_pair_examples`): prefix + chosen and prefix + rejected
+  are tokenised like plain records, each cut to max_length // 2; `materialize` gives both, one
+  after the other, and the packer makes them two neighbouring segments of one row.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from derta_jax.data.recipe import DertaRecord
+from derta_jax.data.recipe import DertaRecord, PairRecord
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +64,20 @@ class TokenizedExample:
     max_cut: int = 0
     uncut: np.ndarray | None = None  # token cut: int32 ids with no harmful token (k = 0)
     turns: tuple[tuple[int, int], ...] = ()  # [start, end) token spans of the prompt with MLE labels
+    rejected: np.ndarray | None = None  # a preference pair: int32 ids of prompt + rejected response
+    # (`tokens` holds prompt + chosen; both share prompt_len)
+    ref_logps: np.ndarray | None = None  # float32 reference log-probs, one per position of
+    # materialize's arrays (chosen then rejected for a pair); training/reference.py
 
     @property
     def is_rto(self) -> bool:
         return self.refusal_id >= 0
 
     def length(self, k: int = 0) -> int:
-        """`len(materialize(self, L, k)["tokens"]) == min(self.length(k), L)` for every L."""
+        """`len(materialize(self, L, k)["tokens"]) == min(self.length(k), L)` for every L (for a
+        pair: the two sequences together)."""
+        if self.rejected is not None:
+            return len(self.tokens) + len(self.rejected)
         if k == 0 and self.uncut is not None:
             return len(self.uncut)
         return len(self.tokens) - self.cut_len + k
@@ -137,6 +147,33 @@ def build_examples(records: Sequence[DertaRecord], tokenizer: Any, max_length: i
     return out, stats
 
 
+def build_pair_examples(records: Sequence[PairRecord], tokenizer: Any, max_length: int,
+                        template_kind: str = "base", add_bos: bool | None = None
+                        ) -> tuple[list[TokenizedExample], BuildStats]:
+    """Preference pairs -> examples holding both sequences (`rejected`). `max_length` is the
+    pair's budget, as one packed row holds both: each sequence keeps max_length // 2 tokens; a
+    pair either of whose responses is left with no supervised label is dropped and counted."""
+    if max_length < 4:
+        raise ValueError(f"max_length={max_length} must be >= 4 for pairs")
+    half = max_length // 2
+    bos = [tokenizer.bos_token_id] if resolve_add_bos(tokenizer, template_kind, add_bos) else []
+    prefixes = _encode(tokenizer, [r.prefix for r in records], bos)
+    chosen = _encode(tokenizer, [r.prefix + r.chosen for r in records], bos)
+    rejected = _encode(tokenizer, [r.prefix + r.rejected for r in records], bos)
+    stats, out = BuildStats(), []
+    for p_ids, c, r in zip(prefixes, chosen, rejected):
+        p = len(p_ids)
+        if min(len(c), half) - p < 1 or min(len(r), half) - p < 1:
+            stats.dropped_no_supervised += 1
+            continue
+        stats.truncated += len(c) > half or len(r) > half
+        out.append(TokenizedExample(np.asarray(c[:half], np.int32), p,
+                                    rejected=np.asarray(r[:half], np.int32)))
+    stats.examples = len(out)
+    log.info("tokenised pairs: %s", stats)
+    return out, stats
+
+
 def _turn_spans(records: Sequence[DertaRecord], prefixes: list[list[int]], tokenizer: Any,
                 bos: list[int]) -> list[tuple[tuple[int, int], ...]]:
     """Each record's `turns` as token spans: the token counts of its prefix up to each boundary."""
@@ -153,18 +190,38 @@ def _turn_spans(records: Sequence[DertaRecord], prefixes: list[list[int]], token
 
 
 def materialize(example: TokenizedExample, max_length: int, k: int = 0) -> dict[str, np.ndarray]:
-    """The example's [n] arrays (tokens, targets, loss_mask, rto_mask), n <= max_length.
+    """The example's [n] arrays (tokens, targets, loss_mask, rto_mask, and ref_logps when it has
+    them), n <= max_length. A pair gives its chosen then its rejected sequence, with `pieces`
+    (0 chosen, 1 rejected: one segment each in a row) and `positions` restarting at the second.
 
     `k`: how many harmful tokens a token-cut example keeps this epoch (0 <= k <= max_cut).
     """
     if not 0 <= k <= example.max_cut:
         raise ValueError(f"cut k={k} outside [0, {example.max_cut}]")
-    p, ids = example.prompt_len, example.tokens
-    if k == 0 and example.uncut is not None:
-        ids = example.uncut
-    elif example.cut_len:
-        ids = np.concatenate([ids[:p + k], ids[p + example.cut_len:]])
-        p += k
+    if example.rejected is not None:
+        parts = [_sequence(ids, example.prompt_len, max_length, example) for ids in
+                 (example.tokens, example.rejected)]
+        out = {key: np.concatenate([a[key] for a in parts]) for key in parts[0]}
+        out["pieces"] = np.repeat(np.arange(2, dtype=np.int32), [len(a["tokens"]) for a in parts])
+        out["positions"] = np.concatenate([np.arange(len(a["tokens"]), dtype=np.int32) for a in parts])
+        if len(out["tokens"]) > max_length:
+            raise ValueError(f"a pair of {len(out['tokens'])} tokens does not fit max_length={max_length}")
+    else:
+        p, ids = example.prompt_len, example.tokens
+        if k == 0 and example.uncut is not None:
+            ids = example.uncut
+        elif example.cut_len:
+            ids = np.concatenate([ids[:p + k], ids[p + example.cut_len:]])
+            p += k
+        out = _sequence(ids, p, max_length, example)
+    if example.ref_logps is not None:
+        out["ref_logps"] = example.ref_logps[:len(out["tokens"])].astype(np.float32)
+    return out
+
+
+def _sequence(ids: np.ndarray, p: int, max_length: int, example: TokenizedExample
+              ) -> dict[str, np.ndarray]:
+    """One sequence's arrays: labels from token p on supervised (RTO for an RTO example)."""
     ids = ids[:max_length]
     n = len(ids)
     targets = np.zeros(n, np.int32)

@@ -4,7 +4,7 @@
     model = load_eval_model(ckpt, dtype=None, mesh=None)   # -> EvalModel, params on the mesh
 
 Tensors are read one at a time (`checkpoints/resolve.py`), LoRA adapters are merged into their
-kernels on the way (`models/lora.merge_lora`), and each tensor goes straight to its place on the
+kernels on the way (`Checkpoint.merged_param`), and each tensor goes straight to its place on the
 mesh (logical-axis rules), so host memory holds about one tensor, never the whole model.
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh
 
@@ -23,7 +22,6 @@ from derta_jax.checkpoints.model_dir import load_tokenizer
 from derta_jax.checkpoints.resolve import Checkpoint, resolve_checkpoint
 from derta_jax.evaluation.generation import param_shardings
 from derta_jax.models.config import ModelConfig
-from derta_jax.models.lora import merge_lora
 from derta_jax.training import sharding as shd
 
 
@@ -64,16 +62,6 @@ def model_name(ckpt: Checkpoint) -> str:
     return folder.name if ckpt.step is None else f"{folder.name}@{ckpt.step}"
 
 
-def _tensor(ckpt: Checkpoint, path: tuple[str, ...], adapted: set[tuple[str, ...]]) -> np.ndarray:
-    """One canonical tensor as stored, with its LoRA adapter (if any) merged in."""
-    kernel = ckpt.read_param(path)
-    if path not in adapted:
-        return kernel
-    a, b = ckpt.read_lora(path)
-    merged = merge_lora({"kernel": kernel}, {"lora_a": a, "lora_b": b}, ckpt.cfg)["kernel"]
-    return np.asarray(merged)
-
-
 def load_eval_model(ckpt: Checkpoint | str | pathlib.Path, dtype: str | None = None,
                     mesh: Mesh | None = None) -> EvalModel:
     """The params of a resolved checkpoint on `mesh` (default: every device on the data axis),
@@ -85,10 +73,9 @@ def load_eval_model(ckpt: Checkpoint | str | pathlib.Path, dtype: str | None = N
     cfg = inference_config(ckpt.cfg, dtype)
     mesh = parse_mesh(None) if mesh is None else mesh
     shardings = traverse_util.flatten_dict(param_shardings(cfg, mesh)["params"])
-    adapted = set(ckpt.lora_kernels())
     flat: dict[tuple[str, ...], Any] = {}
     for path in ckpt.params:
-        tensor = _tensor(ckpt, path, adapted)
+        tensor = ckpt.merged_param(path)
         if dtype is not None:
             tensor = tensor.astype(jnp.dtype(dtype))
         flat[path] = jax.device_put(tensor, shardings[path])

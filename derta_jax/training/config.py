@@ -30,10 +30,11 @@ from typing import Any
 import ml_collections
 
 from derta_jax.data import pipeline, records
-from derta_jax.data.recipe import CUTS, RECIPES
+from derta_jax.data.recipe import ALL_RECIPES, CUTS, PREFERENCE
 from derta_jax.data.templates import ASSISTANT_TURNS
 from derta_jax.models.config import PRESETS, RUNTIME_FIELDS, ModelConfig
 from derta_jax.training.loss import LossConfig
+from derta_jax.training.preference import PAIRS
 from derta_jax.training.optimizer import OptimizerConfig
 from derta_jax.training.sharding import MeshConfig
 
@@ -69,7 +70,7 @@ class ModelSource:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    recipe: str = "derta"  # derta | vanilla | recaug | rto_only (derta-method.md mixtures)
+    recipe: str = "derta"  # derta | vanilla | recaug | rto_only (derta-method.md mixtures) | preference (pairs)
     safety: str = ""  # safety triples: JSON lines, parquet/arrow/json, dataset dir or hub name; '' = demo
     safety_split: str = "train"  # split of a hub name or a saved DatasetDict
     safety_revision: str = ""  # hub names: branch, tag or commit; '' = the default branch
@@ -90,10 +91,11 @@ class DataConfig:
     rto_count: int = -1  # RTO examples; -1 = up to the recipe's official count
     prefix_count: int = -1  # harmful-prefix MLE examples; -1 = up to the official count
     vanilla_count: int = -1  # vanilla safety examples; -1 = up to the official count
+    pairs_count: int = -1  # recipe=preference: safety pairs (safe chosen, harmful rejected); -1 = all
     skip_invalid: bool = False  # skip malformed rows (counted) instead of stopping
 
     def __post_init__(self):
-        _check(self.recipe in RECIPES, "recipe", self.recipe, f"one of {tuple(RECIPES)}")
+        _check(self.recipe in ALL_RECIPES, "recipe", self.recipe, f"one of {ALL_RECIPES}")
         _check(self.template in ("base", "chat"), "template", self.template, "base or chat")
         _check(self.cut in CUTS, "cut", self.cut, f"one of {CUTS}")
         _check(self.assistant_turns in ASSISTANT_TURNS, "assistant_turns", self.assistant_turns,
@@ -114,7 +116,8 @@ class DataConfig:
     def counts(self) -> dict[str, int]:
         """The explicit counts (`<part>_count` >= 0) as keyword arguments of the data pipeline."""
         return {f"{p}_count": getattr(self, f"{p}_count")
-                for p in ("helpful", "rto", "prefix", "vanilla") if getattr(self, f"{p}_count") >= 0}
+                for p in ("helpful", "rto", "prefix", "vanilla", "pairs")
+                if getattr(self, f"{p}_count") >= 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +226,15 @@ def parse(config: ml_collections.ConfigDict) -> RunConfig:
     runtime["lora_targets"] = tuple(s.strip() for s in str(m["lora_targets"]).split(",") if s.strip())
     _build(ModelConfig, "model", runtime)  # the runtime fields' own checks
     sections = {name: _build(cls, name, config[name].to_dict()) for name, cls in SECTIONS.items()}
+    objective, recipe = sections["loss"].objective, sections["data"].recipe
+    if (objective in PAIRS) != (recipe == PREFERENCE):
+        raise ValueError(f"config loss.objective={objective!r} with data.recipe={recipe!r}: the "
+                         f"pair objectives ({', '.join(PAIRS)}) train on data.recipe={PREFERENCE!r} "
+                         "and it on them only")
+    if objective == "constrained_sft" and recipe not in ("vanilla", "recaug"):
+        raise ValueError(f"config loss.objective='constrained_sft' with data.recipe={recipe!r}: it "
+                         "trains on plain responses (vanilla, or recaug's harmful-prefix recovery "
+                         "examples as Qi et al. do), not on RTO positions")
     return RunConfig(source=source, runtime=runtime, **sections)
 
 

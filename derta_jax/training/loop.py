@@ -21,7 +21,9 @@ the previous as config.<step>.json). A finished run rerun says so and returns.
 Every process reads the same global batch (the loader is not sharded by host) and keeps its own
 rows, so a run gives the same numbers on any number of processes; packing is cheap next to a step.
 At start the data plan (examples, examples per step, rows per step, steps per epoch, total steps,
-padding share) is logged and written to <workdir>/plan.json.
+padding share) is logged and written to <workdir>/plan.json. A full-parameter DPO, IPO or
+constrained-SFT run first computes its reference log-probs with the starting params
+(training/reference.py, <workdir>/reference_logps.npz), read back on resume.
 """
 from __future__ import annotations
 
@@ -39,8 +41,9 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import tqdm
+from flax import traverse_util
 
-from derta_jax.checkpoints import model_dir
+from derta_jax.checkpoints import model_dir, resolve
 from derta_jax.data import loader as loader_lib
 from derta_jax.data import pipeline
 from derta_jax.models import layout
@@ -48,6 +51,7 @@ from derta_jax.models.config import ModelConfig
 from derta_jax.training import checkpointing as ckpt
 from derta_jax.training import config as config_lib
 from derta_jax.training import perf
+from derta_jax.training import reference
 from derta_jax.training import sharding as shd
 from derta_jax.training import step as step_lib
 from derta_jax.training import workdir as workdir_lib
@@ -55,18 +59,36 @@ from derta_jax.training import workdir as workdir_lib
 log = logging.getLogger(__name__)
 
 
+def start_checkpoint(run: config_lib.RunConfig) -> resolve.Checkpoint | None:
+    """model.checkpoint when it is a training workdir (its newest step) or one of its steps, as
+    the DPO baseline starts from a vanilla-tuned run; None for a model dir or a random init."""
+    path = pathlib.Path(run.source.checkpoint)
+    if run.source.init == "random" or not run.source.checkpoint or \
+            (path / model_dir.PARAMS_DIR).is_dir():
+        return None
+    return resolve.resolve_checkpoint(path)
+
+
 def model_and_tokenizer(run: config_lib.RunConfig) -> tuple[ModelConfig, Any]:
     """The run's ModelConfig (checkpoint's or preset's architecture) and tokenizer."""
-    src = run.source
+    src, start = run.source, start_checkpoint(run)
+    if start is not None:
+        return run.model_config(start.cfg), model_dir.load_tokenizer(src.tokenizer or start.tokenizer_dir)
     tokenizer = model_dir.load_tokenizer(src.tokenizer or src.checkpoint)
     base = model_dir.load_config(src.checkpoint) if src.checkpoint else run.preset_model()
     return run.model_config(base), tokenizer
 
 
 def load_params(run: config_lib.RunConfig, cfg: ModelConfig, shardings: Any) -> Any:
-    """The checkpoint's params placed on `shardings`, or None for a random init."""
+    """The checkpoint's params placed on `shardings`, or None for a random init. A training
+    workdir's params are read one tensor at a time, LoRA adapters merged in."""
     if run.source.init == "random":
         return None
+    start = start_checkpoint(run)
+    if start is not None:  # host numpy arrays, each placed on its shards
+        params = traverse_util.unflatten_dict(
+            {p: start.merged_param(p).astype(cfg.param_dtype) for p in start.params})
+        return jax.device_put(layout.stack_layers(params) if cfg.scan_layers else params, shardings)
     if not cfg.scan_layers:
         return model_dir.load_model_dir(run.source.checkpoint, dtype=cfg.param_dtype,
                                         shardings=shardings)[1]
@@ -83,13 +105,6 @@ def load_examples(d: config_lib.DataConfig, tokenizer: Any) -> list[Any]:
         seed=d.seed, skip_invalid=d.skip_invalid, eos_text=d.eos_text,
         assistant_turns=d.assistant_turns, **d.counts())
     return examples
-
-
-def local_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """This process's contiguous block of rows of the global batch (process-major devices)."""
-    n, i = jax.process_count(), jax.process_index()
-    rows = next(iter(batch.values())).shape[0] // n
-    return {k: v[i * rows:(i + 1) * rows] for k, v in batch.items()}
 
 
 def make_plan(run: config_lib.RunConfig, examples: list[Any], mesh: Any) -> loader_lib.Plan:
@@ -227,7 +242,8 @@ class _Logger:
         return host
 
     def _nonfinite(self, step: int, host: dict[str, float], skip: bool) -> None:
-        values = ", ".join(f"{k}={host[k]}" for k in ("loss", "norm/grad", "loss/mle", "loss/rto"))
+        values = ", ".join(f"{k}={host[k]}" for k in ("loss", "norm/grad", "loss/mle", "loss/rto")
+                           if k in host)
         examples = loader_lib.step_examples(self.run.plan.examples, self.run.plan.batch_size,
                                             self.seed, step - 1)[0]
         batch = (f"its batch holds examples {', '.join(map(str, examples))} (indices into the "
@@ -278,10 +294,19 @@ def _prepare(run_cfg: config_lib.RunConfig, workdir: pathlib.Path) -> _Run | Non
             f"{plan.total_steps} steps (train.epochs={t.epochs})"
         log.info("already at step %d >= %s: nothing to do", at, total)
         return None
-    loader = loader_lib.make_loader(examples, plan, run_cfg.data.seed)
     setup = step_lib.build(step_lib.StepConfig(cfg, run_cfg.loss, run_cfg.optimizer, t.accum_steps,
                                                skip_nonfinite=t.on_nonfinite == "skip"),
                            mesh, plan.total_steps)
+    rng = jax.random.PRNGKey(t.seed)
+    fresh = {}  # the initial state, when computing the reference needed it
+    if step_lib.needs_stored_reference(setup.cfg):
+        def compute():
+            fresh["state"] = setup.init(rng, load_params(run_cfg, cfg, setup.shardings["params"]))
+            return reference.compute(examples, fresh["state"]["params"], cfg, mesh, plan.seq_len,
+                                     plan.rows_per_step, run_cfg.loss.chunk_size)
+        examples = reference.attach(examples, reference.load_or_compute(
+            workdir, examples, compute, has_progress=at is not None))
+    loader = loader_lib.make_loader(examples, plan, run_cfg.data.seed)
     mngr = ckpt.make_manager(workdir, c.keep, c.async_save)
     try:
         restored = ckpt.restore_newest(mngr, setup.shardings, setup.abstract, loader,
@@ -290,8 +315,8 @@ def _prepare(run_cfg: config_lib.RunConfig, workdir: pathlib.Path) -> _Run | Non
         mngr.close()
         raise
     if restored is None:
-        params = load_params(run_cfg, cfg, setup.shardings["params"])
-        state = setup.init(jax.random.PRNGKey(t.seed), params)
+        state = fresh["state"] if "state" in fresh else setup.init(
+            rng, load_params(run_cfg, cfg, setup.shardings["params"]))
         start = 0
     else:
         start, state = restored
@@ -364,7 +389,7 @@ def _loop(run: _Run, every: int, stop_at: int, logger: _Logger,
     while step < run.steps:
         batch = next(run.loader)
         tokens = int(np.count_nonzero(batch["segment_ids"]))
-        state, metrics = run.train_step(state, shd.shard_batch(local_rows(batch), run.mesh),
+        state, metrics = run.train_step(state, shd.shard_batch(shd.local_rows(batch), run.mesh),
                                         jax.random.fold_in(base_rng, step))
         step += 1
         if pending is not None:

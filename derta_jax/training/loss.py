@@ -28,6 +28,8 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
+from derta_jax.training.preference import OBJECTIVES
+
 NORMALISATIONS = ("token", "sequence")
 KEEP_RULES = ("official", "at_least_one")
 SUM_KEYS = ("loss", "weighted", "ce/mle", "ce/rto", "correct/rto", "count/mle", "count/rto",
@@ -42,6 +44,14 @@ class LossConfig:
     normalisation: str = "token"  # token: one mean over the global batch (official) | sequence
     chunk_size: int = 256  # sequence chunk for the LM head + cross-entropy (memory vs speed)
     router_coef: float = 0.0  # MoE load-balancing loss weight (transformers adds none by default)
+    # the objective (training/preference.py): derta (this module) | dpo | ipo | simpo | constrained_sft
+    objective: str = "derta"
+    beta: float = 0.1  # dpo/ipo/simpo: β (TRL's defaults: 0.1; SimPO's paper: 2.0); constrained_sft: base β
+    label_smoothing: float = 0.0  # dpo/simpo: ε, the share of pairs taken as mislabelled (cDPO)
+    simpo_gamma: float = 0.5  # simpo: the target reward margin γ (TRL's default)
+    csft_first_token_factor: float = 5.0  # constrained_sft: β_1 = β * this (Qi et al.'s code: 5)
+    csft_bias_factor: float = 20.0  # constrained_sft: β_t = β * this for 2 <= t <= csft_bias_length
+    csft_bias_length: int = 5  # constrained_sft: tokens with the larger β (Qi et al.: 5)
 
     def __post_init__(self):
         _check(0.0 < self.rto_keep <= 1.0, "rto_keep", self.rto_keep, "in (0, 1]")
@@ -51,6 +61,13 @@ class LossConfig:
                f"one of {NORMALISATIONS}")
         _check(self.chunk_size >= 1, "chunk_size", self.chunk_size, ">= 1")
         _check(self.router_coef >= 0.0, "router_coef", self.router_coef, ">= 0")
+        _check(self.objective in OBJECTIVES, "objective", self.objective, f"one of {OBJECTIVES}")
+        _check(self.beta > 0.0, "beta", self.beta, "> 0")
+        _check(0.0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "in [0, 0.5)")
+        _check(self.csft_first_token_factor > 0, "csft_first_token_factor",
+               self.csft_first_token_factor, "> 0")
+        _check(self.csft_bias_factor > 0, "csft_bias_factor", self.csft_bias_factor, "> 0")
+        _check(self.csft_bias_length >= 0, "csft_bias_length", self.csft_bias_length, ">= 0")
 
 
 def _check(ok: bool, key: str, value, expected: str) -> None:

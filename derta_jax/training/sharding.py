@@ -109,3 +109,10 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in batch.items()}
+
+
+def local_rows(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's contiguous block of rows of the global batch (process-major devices)."""
+    n, i = jax.process_count(), jax.process_index()
+    rows = next(iter(batch.values())).shape[0] // n
+    return {k: v[i * rows:(i + 1) * rows] for k, v in batch.items()}

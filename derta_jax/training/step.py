@@ -1,4 +1,5 @@
-"""The train state, the pure DeRTa train step, and `build`: the one way to set both up.
+"""The train state, the pure train step (DeRTa or a `loss.objective` of training/preference.py),
+and `build`: the one way to set both up.
 
     setup = build(StepConfig(model_cfg, LossConfig(), OptimizerConfig()), mesh, total_steps)
     state = setup.init(jax.random.PRNGKey(0), params)   # sharded; params=None: random init
@@ -14,7 +15,10 @@ State is a plain dict (what Orbax saves as item "state"):
 The step takes the global batch (sharded over (data, fsdp)), draws the RTO keep mask and the loss
 weights on the whole of it, then accumulates `loss.loss_sums` and its gradients over
 `accum_steps` micro-batches; because the weights are normalised over the global batch, the summed
-micro-batch losses are exactly the pooled mean (see training/loss.py).
+micro-batch losses are exactly the pooled mean (see training/loss.py). The other objectives
+take token log-probabilities from the same forward pass and pool their sums the same way (pairs
+weigh 1 / pairs of the global batch); their reference is the frozen base of a LoRA run (a second
+forward, adapters zeroed, no gradient) or the batch's precomputed `ref_logps`.
 
 A step is finite when its loss and gradient norm are (values it computes anyway). The loop stops
 on a non-finite step before anything of it is saved; with `skip_nonfinite` the step also keeps
@@ -36,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding
 from derta_jax.models.config import ModelConfig
 from derta_jax.models.decoder import Decoder, init_boxed, init_variables, lm_head_weight
 from derta_jax.training import loss as loss_lib
+from derta_jax.training import preference as pref
 from derta_jax.training import sharding as shd
 from derta_jax.training.loss import LossConfig
 from derta_jax.training.optimizer import OptimizerConfig, make_optimizer
@@ -96,29 +101,70 @@ def _micro_batches(tree: Any, k: int) -> Any:
     return jax.tree.map(split, tree)
 
 
-def _micro_loss(trainable: Any, frozen: Any, mb: Batch, weights_BL: jax.Array, rng: jax.Array, *,
-                cfg: StepConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
-    mc = cfg.model
+def _micro_loss(trainable: Any, frozen: Any, mb: Batch, weights_BL: jax.Array, rng: jax.Array,
+                inv_pairs: jax.Array, *, cfg: StepConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+    mc, lc = cfg.model, cfg.loss
     params, lora = (frozen, trainable) if uses_lora(mc) else (trainable, None)
     variables = {"params": params, **({"lora": lora} if lora is not None else {})}
     hidden_BLD, aux = Decoder(mc).apply(
         variables, mb["tokens"], mb["positions"], mb["segment_ids"], return_hidden=True,
         deterministic=mc.lora_dropout == 0.0, rngs={"dropout": rng})
-    sums = loss_lib.loss_sums(hidden_BLD, lm_head_weight(params, mc), mb, weights_BL, cfg.loss,
-                              aux["router_loss"] / cfg.accum_steps)
+    lm_head = lm_head_weight(params, mc)
+    if lc.objective == "derta":
+        sums = loss_lib.loss_sums(hidden_BLD, lm_head, mb, weights_BL, lc,
+                                  aux["router_loss"] / cfg.accum_steps)
+        return sums["loss"], sums
+    logp_BL = pref.token_logps(hidden_BLD, lm_head, mb["targets"], lc.chunk_size)
+    ref_BL = None
+    if lc.objective in pref.NEEDS_REFERENCE:
+        ref_BL = _base_logps(params, lora, mb, mc, lc.chunk_size) if lora is not None \
+            else mb["ref_logps"]
+    if lc.objective == "constrained_sft":
+        sums = pref.constrained_sums(logp_BL, ref_BL, mb, weights_BL, lc)
+    else:
+        sums = pref.pair_sums(logp_BL, ref_BL, mb, lc, inv_pairs)
+    sums = {**{k: jnp.zeros((), jnp.float32) for k in sum_keys(lc.objective)}, **sums}
+    router = aux["router_loss"] / cfg.accum_steps
+    sums["loss"], sums["router_loss"] = sums["loss"] + lc.router_coef * router, router
     return sums["loss"], sums
+
+
+def _base_logps(params: Any, lora: Any, mb: Batch, mc: ModelConfig, chunk: int) -> jax.Array:
+    """The reference of a LoRA run: the frozen base (the adapters zeroed, so W + A @ 0 = W
+    exactly), no gradient; token log-probabilities [B, L]."""
+    zeros = jax.tree.map(jnp.zeros_like, lora)
+    hidden_BLD, _ = Decoder(mc).apply({"params": params, "lora": zeros}, mb["tokens"],
+                                      mb["positions"], mb["segment_ids"], return_hidden=True)
+    return jax.lax.stop_gradient(
+        pref.token_logps(hidden_BLD, lm_head_weight(params, mc), mb["targets"], chunk))
+
+
+def sum_keys(objective: str) -> tuple[str, ...]:
+    """The loss sums a step pools over its micro-batches."""
+    return loss_lib.SUM_KEYS if objective == "derta" else ("loss", "router_loss", *pref.SUM_KEYS)
+
+
+def batch_keys(cfg: StepConfig) -> tuple[str, ...]:
+    """The batch arrays the step reads: the batch contract, plus `ref_logps` (float32, the
+    precomputed reference, training/reference.py) for a full-parameter run that needs one."""
+    return BATCH_KEYS + (("ref_logps",) if needs_stored_reference(cfg) else ())
+
+
+def needs_stored_reference(cfg: StepConfig) -> bool:
+    return cfg.loss.objective in pref.NEEDS_REFERENCE and not uses_lora(cfg.model)
 
 
 def compute_grads(state: State, batch: Batch, rng: jax.Array, *, cfg: StepConfig
                   ) -> tuple[Any, dict[str, jax.Array]]:
     """Gradients of the trainable tree on the global batch, and the pooled loss sums.
 
-    The RTO keep mask and loss weights are drawn on the whole batch, then `accum_steps`
-    micro-batches are scanned and their gradients and sums added.
+    The RTO keep mask, the loss weights and the pair weight (1 / pairs) are computed on the whole
+    batch, then `accum_steps` micro-batches are scanned and their gradients and sums added.
     """
     keep_rng, dropout_rng = jax.random.split(rng)
-    batch = {k: batch[k] for k in BATCH_KEYS}
+    batch = {k: batch[k] for k in batch_keys(cfg)}
     weights_BL, _ = loss_lib.loss_weights(batch, cfg.loss, keep_rng)
+    inv_pairs = 1.0 / jnp.maximum(pref.pair_count(batch), 1.0)
     lora_on = uses_lora(cfg.model)
     trainable, frozen = (state["lora"], state["params"]) if lora_on else (state["params"], None)
     k = cfg.accum_steps
@@ -126,11 +172,12 @@ def compute_grads(state: State, batch: Batch, rng: jax.Array, *, cfg: StepConfig
 
     def accumulate(carry, xs):
         mb, w, i = xs
-        grads, sums = grad_fn(trainable, frozen, mb, w, jax.random.fold_in(dropout_rng, i))
+        grads, sums = grad_fn(trainable, frozen, mb, w, jax.random.fold_in(dropout_rng, i),
+                              inv_pairs)
         return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
     init = (jax.tree.map(jnp.zeros_like, trainable),
-            {name: jnp.zeros((), jnp.float32) for name in loss_lib.SUM_KEYS})
+            {name: jnp.zeros((), jnp.float32) for name in sum_keys(cfg.loss.objective)})
     (grads, sums), _ = jax.lax.scan(
         accumulate, init, (_micro_batches(batch, k), _micro_batches(weights_BL, k), jnp.arange(k)))
     return grads, sums
@@ -150,7 +197,9 @@ def train_step(state: State, batch: Batch, rng: jax.Array, *, cfg: StepConfig,
         finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
         old = {k: state[k] for k in new}
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    metrics = {**loss_lib.metrics_from_sums(sums, cfg.model.is_moe),
+    objective = cfg.loss.objective
+    metrics = {**(loss_lib.metrics_from_sums(sums, cfg.model.is_moe) if objective == "derta"
+                  else pref.metrics_from_sums(sums, objective)),
                "norm/grad": grad_norm, "lr": schedule(state["step"])}
     return {**state, **new}, metrics
 
@@ -180,7 +229,7 @@ class Setup:
     def train_step(self, state: State, batch: Batch, rng: jax.Array
                    ) -> tuple[State, dict[str, jax.Array]]:
         with self.mesh, nn.logical_axis_rules(shd.LOGICAL_RULES):
-            return self.step_fn(state, {k: batch[k] for k in BATCH_KEYS}, rng)
+            return self.step_fn(state, {k: batch[k] for k in batch_keys(self.cfg)}, rng)
 
 
 def build(cfg: StepConfig, mesh: Mesh, total_steps: int) -> Setup:
@@ -188,7 +237,7 @@ def build(cfg: StepConfig, mesh: Mesh, total_steps: int) -> Setup:
     tx, schedule = make_optimizer(cfg.optimizer, total_steps)
     abstract, shardings = _state_shardings(cfg.model, tx, mesh)
     step = functools.partial(train_step, cfg=cfg, tx=tx, schedule=schedule)
-    batch_sh = {k: shd.batch_sharding(mesh) for k in BATCH_KEYS}
+    batch_sh = {k: shd.batch_sharding(mesh) for k in batch_keys(cfg)}
     step_fn = jax.jit(step, in_shardings=(shardings, batch_sh, shd.replicated(mesh)),
                       out_shardings=(shardings, shd.replicated(mesh)), donate_argnums=0)
     return Setup(cfg, mesh, tx, schedule, abstract, shardings, step_fn)
