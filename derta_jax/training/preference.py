@@ -2,15 +2,18 @@
 
 `loss.objective` picks one (training/loss.py LossConfig; `derta` is loss.py itself):
 
-- dpo (Rafailov et al. 2023; TRL `loss_type="sigmoid"`, with label smoothing ε the conservative
-  form): with log-ratios ρ_c = log π(c|x) - log π_ref(c|x), ρ_r likewise and z = β (ρ_c - ρ_r),
-  loss = -(1 - ε) log σ(z) - ε log σ(-z), per pair.
+- dpo (Rafailov et al. 2023; TRL DPOTrainer `loss_type="sigmoid"`): with log-ratios
+  ρ_c = log π(c|x) - log π_ref(c|x), ρ_r likewise and z = β (ρ_c - ρ_r),
+  loss = -(1 - ε) log σ(z) - ε log σ(-z), per pair. With label smoothing ε > 0 this is the
+  conservative form (cDPO, Mitchell 2023), as TRL's CPOTrainer `sigmoid` and earlier TRL
+  DPOTrainers compute it; TRL 1.16's DPOTrainer `sigmoid` ignores `label_smoothing`, and its
+  `robust` is another (unbiased) form.
 - ipo (Azar et al. 2023; TRL `loss_type="ipo"`): ((ρ_c / |c| - ρ_r / |r|) - 1 / (2β))², the
   log-ratios averaged over each response's tokens as TRL does (confirmed there with the authors).
 - simpo (Meng et al. 2024; TRL's CPO trainer, `loss_type="simpo"`, cpo_alpha=0): no reference;
   z = β (log π(c|x) / |c| - log π(r|x) / |r|) - γ, loss = -(1 - ε) log σ(z) - ε log σ(-z).
 - constrained_sft (Qi et al. 2025, "Safety Alignment Should Be Made More Than Just a Few Tokens
-  Deep", Eq. 3): per supervised token t (counted from 1 inside each sequence),
+  Deep", Eq. 3): per supervised token t (counted from 1 in each response: each assistant turn),
   -(2 / β_t) log σ(β_t (log π(y_t | ..) - log π_ref(y_t | ..))), with their released code's
   schedule: β_1 = β * first_token_factor, β_t = β * bias_factor for 2 <= t <= bias_length, β
   after (defaults 0.1, 5, 20, 5: β_1 = 0.5, β_2..5 = 2, then 0.1), averaged like the DeRTa loss
@@ -123,15 +126,17 @@ def pair_sums(logp_BL: jax.Array, ref_BL: jax.Array | None, batch: Batch, cfg,
 
 
 def token_index(loss_mask_BL: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:
-    """[B, L] int32: t of each supervised position, counted from 1 inside its sequence (0 where
-    nothing is supervised)."""
-    m = loss_mask_BL.astype(jnp.int32)
-    before = jnp.cumsum(m, axis=1) - m  # supervised positions before this one in the row
-    B, L = segment_ids_BL.shape
-    index = (jnp.arange(B, dtype=jnp.int32)[:, None] * (L + 1)
-             + jnp.clip(segment_ids_BL, 0, L)).reshape(-1)
-    start = jax.ops.segment_min(before.reshape(-1), index, num_segments=B * (L + 1))
-    return (before - start[index].reshape(B, L) + 1) * m
+    """[B, L] int32: t of each supervised position, counted from 1 in its response (a run of
+    supervised positions inside one segment: each assistant turn of a multi-turn row restarts),
+    0 where nothing is supervised."""
+    m = loss_mask_BL.astype(bool)
+    seg = segment_ids_BL
+    prev_m = jnp.pad(m[:, :-1], ((0, 0), (1, 0)))
+    prev_seg = jnp.pad(seg[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    idx = jnp.broadcast_to(jnp.arange(m.shape[1], dtype=jnp.int32), m.shape)
+    starts = jnp.where(m & (~prev_m | (seg != prev_seg)), idx, 0)
+    run_start = jax.lax.cummax(starts, axis=1)
+    return jnp.where(m, idx - run_start + 1, 0).astype(jnp.int32)
 
 
 def constrained_betas(t_BL: jax.Array, cfg) -> jax.Array:

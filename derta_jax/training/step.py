@@ -163,8 +163,12 @@ def compute_grads(state: State, batch: Batch, rng: jax.Array, *, cfg: StepConfig
     """
     keep_rng, dropout_rng = jax.random.split(rng)
     batch = {k: batch[k] for k in batch_keys(cfg)}
-    weights_BL, _ = loss_lib.loss_weights(batch, cfg.loss, keep_rng)
-    inv_pairs = 1.0 / jnp.maximum(pref.pair_count(batch), 1.0)
+    if cfg.loss.objective in pref.PAIRS:  # pairs weigh 1 / pairs; tokens are not weighted
+        weights_BL = jnp.zeros(batch["loss_mask"].shape, jnp.float32)
+        inv_pairs = 1.0 / jnp.maximum(pref.pair_count(batch), 1.0)
+    else:
+        weights_BL, _ = loss_lib.loss_weights(batch, cfg.loss, keep_rng)
+        inv_pairs = jnp.ones((), jnp.float32)
     lora_on = uses_lora(cfg.model)
     trainable, frozen = (state["lora"], state["params"]) if lora_on else (state["params"], None)
     k = cfg.accum_steps
