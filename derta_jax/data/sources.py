@@ -6,7 +6,7 @@
 
 Builders (each reads the named file of the manual dir, validated by `records.read_jsonl`):
 - `derta_safety`: `safety.jsonl`, triples (official keys `instruction`/`output` accepted);
-- `derta_helpful`: `helpful.jsonl`, pairs `{instruction, output}`;
+- `derta_helpful`: `helpful.jsonl`, pairs `{instruction, output}` (+ `rejected` when the row has it);
 - `derta_eval`: one config per test set, `<config name>.jsonl` with `question` (+ `answer`).
 The demo folder (`pipeline.DEMO_DIR`) is a valid manual dir for all three.
 """
@@ -25,13 +25,14 @@ _FILES = {"derta_safety": "safety.jsonl", "derta_helpful": "helpful.jsonl"}
 class _JsonlBuilder(tfds.core.GeneratorBasedBuilder):
     """Shared logic: one `train` split from one validated JSON-lines file of the manual dir."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")  # 1.1.0: the optional fields (records.OPTIONAL)
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Put the JSON-lines file(s) in the manual dir (see derta_jax/data/sources.py)."
     KIND = ""
     skip_invalid = False
 
     def _info(self) -> tfds.core.DatasetInfo:
-        names = list(records.FIELDS[self.KIND]) + (["answer"] if self.KIND == "eval" else [])
+        names = [*records.FIELDS[self.KIND], *records.OPTIONAL.get(self.KIND, {}),
+                 *(["answer"] if self.KIND == "eval" else [])]
         return tfds.core.DatasetInfo(
             builder=self, features=tfds.features.FeaturesDict({n: tfds.features.Text() for n in names}),
             disable_shuffling=True)  # keep file order: the recipe depends on it
@@ -48,7 +49,7 @@ class _JsonlBuilder(tfds.core.GeneratorBasedBuilder):
         for i, row in enumerate(rows):
             if self.KIND == "eval":
                 row = {"answer": "", **row}
-            yield i, row
+            yield i, {**{name: "" for name in records.OPTIONAL.get(self.KIND, {})}, **row}
 
 
 class DertaSafety(_JsonlBuilder):
@@ -90,7 +91,10 @@ def load_source(name: str, manual_dir: str | os.PathLike, data_dir: str | os.Pat
 
 
 def decode(source: Any) -> list[dict[str, str]]:
-    """All records of a data source as dicts of str (TFDS returns text as bytes)."""
-    return [{k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in source[i].items()}
+    """All records of a data source as dicts of str (TFDS returns text as bytes); an optional
+    field stored empty (absent from the row) is left out."""
+    optional = {name for fields in records.OPTIONAL.values() for name in fields}
+    rows = [{k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in source[i].items()}
             for i in range(len(source))]
+    return [{k: v for k, v in row.items() if not (k in optional and v == "")} for row in rows]
 

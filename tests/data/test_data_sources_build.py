@@ -111,3 +111,72 @@ def test_build_cli_parquet_source_with_columns_writes_the_json_lines_records(tmp
     assert len(from_parquet.read_text().splitlines()) == 4 + 7 + 6
     with pytest.raises(ValueError, match="rejected"):  # without the mapping: its columns are unknown
         build.main([*base, "--safety", str(tmp_path / "safety.parquet"), "--out", str(from_parquet)])
+
+
+HELPFUL_PAIRS = ('{"instruction": "Name a colour.", "output": "Blue.", "rejected": "No."}\n'
+                 '{"instruction": "Count to two.", "output": "One, two."}\n')
+
+
+def test_tfds_helpful_source_keeps_an_optional_rejected_answer(tmp_path):
+    (tmp_path / "helpful.jsonl").write_text(HELPFUL_PAIRS)
+    rows = sources.decode(sources.load_source("derta_helpful", tmp_path, tmp_path / "tfds"))
+    assert rows == records.read_jsonl(tmp_path / "helpful.jsonl", "helpful")[0]
+    assert rows[0]["rejected"] == "No." and "rejected" not in rows[1]
+
+
+def test_a_bad_rejected_answer_names_the_line(tmp_path):
+    path = tmp_path / "h.jsonl"
+    path.write_text('{"instruction": "i", "output": "o", "rejected": 3}\n')
+    with pytest.raises(ValueError, match=r"h\.jsonl:1: field 'rejected' is int, expected a string"):
+        records.read_jsonl(path, "helpful")
+    assert records.read_jsonl(path, "helpful", skip_invalid=True)[1].skipped
+
+
+def test_build_cli_writes_preference_pairs(tmp_path, caplog):
+    (tmp_path / "helpful.jsonl").write_text(HELPFUL_PAIRS)
+    out = tmp_path / "pairs.jsonl"
+    with caplog.at_level(logging.INFO):
+        assert build.main(["--recipe", "preference", "--safety", "demo", "--helpful",
+                           str(tmp_path / "helpful.jsonl"), "--out", str(out),
+                           "--pairs-count", "2"]) == 0
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    triple = records.read_jsonl(pipeline.DEMO_SAFETY, "safety")[0][0]
+    assert rows[0] == {"prefix": "[INST] Name a colour. [\\INST]", "chosen": " Blue.<|end_of_text|>",
+                       "rejected": " No.<|end_of_text|>"}
+    assert rows[1] == {"prefix": f"[INST] {triple['query']} [\\INST]",
+                       "chosen": f" {triple['safe_response']}<|end_of_text|>",
+                       "rejected": f" {triple['harmful_response']}<|end_of_text|>"}
+    assert len(rows) == 3 and "1 of 2 helpful rows have no 'rejected' answer" in caplog.text
+    with pytest.raises(ValueError, match="rto_count=1 given but recipe 'preference' has no rto"):
+        pipeline.mixture_records("preference", pipeline.DEMO_SAFETY, pipeline.DEMO_HELPFUL, rto_count=1)
+    with pytest.raises(ValueError, match="pairs_count=1 given but recipe 'derta' has no pairs"):
+        pipeline.mixture_records("derta", pipeline.DEMO_SAFETY, pipeline.DEMO_HELPFUL, pairs_count=1)
+
+
+def test_pairs_pack_as_neighbouring_segments(llama3_tokenizer_dir):
+    """Both sequences of a pair in one row: segments 2j+1 (chosen) and 2j+2 (rejected), positions
+    restarting, loss on the responses only, each cut to max_length // 2."""
+    from derta_jax.data import loader
+    from derta_jax.data.recipe import PairRecord
+    from derta_jax.data.tokenize import build_pair_examples
+    tok = transformers.AutoTokenizer.from_pretrained(llama3_tokenizer_dir, trust_remote_code=False)
+    recs = [PairRecord("[INST] q1 [\\INST]", " yes please", " no thanks at all"),
+            PairRecord("[INST] another question [\\INST]", " a", " " + "word " * 40)]
+    examples, stats = build_pair_examples(recs, tok, max_length=32)
+    assert stats.truncated == 1 and all(len(ex.rejected) <= 16 for ex in examples)
+    plan = loader.make_plan(examples, 2, 32, seed=0, steps=1)
+    batch = loader.step_batch(examples, plan, 0, 0)
+    assert plan.rows_per_step == 2  # each pair fills most of a row of 32
+    for r in range(2):
+        seg = batch["segment_ids"][r]
+        assert set(seg) - {0} == {1, 2}
+        for s in (1, 2):
+            assert list(batch["positions"][r][seg == s]) == list(range((seg == s).sum()))
+    for ex in examples:  # its row: prompt + chosen (loss after the prompt), then prompt + rejected
+        r = next(r for r in range(2) if list(batch["tokens"][r][:len(ex.tokens)]) == list(ex.tokens))
+        n_c, n_r = len(ex.tokens), len(ex.rejected)
+        assert list(batch["tokens"][r][n_c:n_c + n_r]) == list(ex.rejected)
+        for start, n in ((0, n_c), (n_c, n_r)):
+            want = np.zeros(n, bool)
+            want[ex.prompt_len - 1:n - 1] = True
+            np.testing.assert_array_equal(batch["loss_mask"][r][start:start + n], want)
