@@ -93,7 +93,8 @@ class Checkpoint:
         if path[:-1] + ("lora_a",) not in self.lora:
             return kernel
         a, b = self.read_lora(path)
-        return np.asarray(merge_lora({"kernel": kernel}, {"lora_a": a, "lora_b": b}, self.cfg)["kernel"])
+        merged = merge_lora({"kernel": kernel}, {"lora_a": a, "lora_b": b}, self.cfg)
+        return np.asarray(merged["kernel"])
 
     def lora_kernels(self) -> list[ParamPath]:
         """Canonical kernel paths that carry a LoRA adapter."""

@@ -23,7 +23,8 @@ from derta_jax.data.recipe import PREFERENCE, DertaRecord, PairRecord, build_mix
 from derta_jax.data.records import Source
 from derta_jax.data.refusal import DEFAULT_REFUSAL, refusal_token_id
 from derta_jax.data.templates import OFFICIAL_EOS, make_template
-from derta_jax.data.tokenize import BuildStats, TokenizedExample, build_examples, build_pair_examples
+from derta_jax.data.tokenize import (BuildStats, TokenizedExample, build_examples,
+                                     build_pair_examples)
 
 log = logging.getLogger(__name__)
 

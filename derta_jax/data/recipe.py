@@ -225,7 +225,8 @@ def preference_records(safety: Sequence[dict], helpful: Sequence[dict], template
     out = []
     for p in _take("helpful", with_rejected, helpful_count, None):
         prompt, _ = _prompt(template, p, "instruction")
-        out.append(PairRecord(prompt, template.response(p["output"]), template.response(p["rejected"])))
+        out.append(PairRecord(prompt, template.response(p["output"]),
+                              template.response(p["rejected"])))
     n_helpful = len(out)
     for t in _take("pairs", list(safety), pairs_count, None):
         prompt, _ = _prompt(template, t, "query")

@@ -203,9 +203,11 @@ def materialize(example: TokenizedExample, max_length: int, k: int = 0) -> dict[
                  (example.tokens, example.rejected)]
         out = {key: np.concatenate([a[key] for a in parts]) for key in parts[0]}
         out["pieces"] = np.repeat(np.arange(2, dtype=np.int32), [len(a["tokens"]) for a in parts])
-        out["positions"] = np.concatenate([np.arange(len(a["tokens"]), dtype=np.int32) for a in parts])
+        out["positions"] = np.concatenate([np.arange(len(a["tokens"]), dtype=np.int32)
+                                           for a in parts])
         if len(out["tokens"]) > max_length:
-            raise ValueError(f"a pair of {len(out['tokens'])} tokens does not fit max_length={max_length}")
+            raise ValueError(f"a pair of {len(out['tokens'])} tokens does not fit "
+                             f"max_length={max_length}")
     else:
         p, ids = example.prompt_len, example.tokens
         if k == 0 and example.uncut is not None:

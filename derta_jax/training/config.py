@@ -70,7 +70,7 @@ class ModelSource:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    recipe: str = "derta"  # derta | vanilla | recaug | rto_only (derta-method.md mixtures) | preference (pairs)
+    recipe: str = "derta"  # derta | vanilla | recaug | rto_only (the mixtures) | preference (pairs)
     safety: str = ""  # safety triples: JSON lines, parquet/arrow/json, dataset dir or hub name; '' = demo
     safety_split: str = "train"  # split of a hub name or a saved DatasetDict
     safety_revision: str = ""  # hub names: branch, tag or commit; '' = the default branch

@@ -73,7 +73,8 @@ def model_and_tokenizer(run: config_lib.RunConfig) -> tuple[ModelConfig, Any]:
     """The run's ModelConfig (checkpoint's or preset's architecture) and tokenizer."""
     src, start = run.source, start_checkpoint(run)
     if start is not None:
-        return run.model_config(start.cfg), model_dir.load_tokenizer(src.tokenizer or start.tokenizer_dir)
+        tokenizer = model_dir.load_tokenizer(src.tokenizer or start.tokenizer_dir)
+        return run.model_config(start.cfg), tokenizer
     tokenizer = model_dir.load_tokenizer(src.tokenizer or src.checkpoint)
     base = model_dir.load_config(src.checkpoint) if src.checkpoint else run.preset_model()
     return run.model_config(base), tokenizer

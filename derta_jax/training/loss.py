@@ -46,7 +46,7 @@ class LossConfig:
     router_coef: float = 0.0  # MoE load-balancing loss weight (transformers adds none by default)
     # the objective (training/preference.py): derta (this module) | dpo | ipo | simpo | constrained_sft
     objective: str = "derta"
-    beta: float = 0.1  # dpo/ipo/simpo: β (TRL's defaults: 0.1; SimPO's paper: 2.0); constrained_sft: base β
+    beta: float = 0.1  # dpo/ipo/simpo: β (TRL's default 0.1; SimPO's paper 2.0); constrained_sft: base β
     label_smoothing: float = 0.0  # dpo/simpo: ε, the share of pairs taken as mislabelled (cDPO)
     simpo_gamma: float = 0.5  # simpo: the target reward margin γ (TRL's default)
     csft_first_token_factor: float = 5.0  # constrained_sft: β_1 = β * this (Qi et al.'s code: 5)
@@ -63,7 +63,8 @@ class LossConfig:
         _check(self.router_coef >= 0.0, "router_coef", self.router_coef, ">= 0")
         _check(self.objective in OBJECTIVES, "objective", self.objective, f"one of {OBJECTIVES}")
         _check(self.beta > 0.0, "beta", self.beta, "> 0")
-        _check(0.0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "in [0, 0.5)")
+        _check(0.0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing,
+               "in [0, 0.5)")
         _check(self.csft_first_token_factor > 0, "csft_first_token_factor",
                self.csft_first_token_factor, "> 0")
         _check(self.csft_bias_factor > 0, "csft_bias_factor", self.csft_bias_factor, "> 0")
