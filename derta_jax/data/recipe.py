@@ -222,6 +222,9 @@ def preference_records(safety: Sequence[dict], helpful: Sequence[dict], template
     if len(with_rejected) < len(helpful):
         log.info("preference: %d of %d helpful rows have no 'rejected' answer and are left out",
                  len(helpful) - len(with_rejected), len(helpful))
+    if not _is_official(helpful_count) and helpful_count > len(with_rejected):
+        raise ValueError(f"helpful_count={helpful_count} but only {len(with_rejected)} helpful rows "
+                         "have a 'rejected' answer (the preference recipe uses only those)")
     out = []
     for p in _take("helpful", with_rejected, helpful_count, None):
         prompt, _ = _prompt(template, p, "instruction")

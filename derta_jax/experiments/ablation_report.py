@@ -1,4 +1,5 @@
-"""The ablation's report: the results table (paper Table 4), the refusal-position figure (Figure 4),
+"""The ablation's report: the results table (paper Table 4, with the DPO baseline and Qi et al.'s
+constrained SFT beside the four recipes), the refusal-position figure (Figure 4),
 sample answers and timings, as Markdown, from what `ablation.run` leaves on disk.
 
 Everything is read from the runs' own files (each workdir's metrics.jsonl, each eval folder's
@@ -24,13 +25,15 @@ if TYPE_CHECKING:
     from derta_jax.experiments.ablation import Plan
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-# Row order of the report, with the paper's names (Table 4).
+# The rows' names: the paper's (Table 4; its DPO baseline, Figure 5) and Qi et al.'s method.
 PAPER_NAMES = {"vanilla": "Vanilla", "recaug": "+Harmful Prefix", "rto_only": "+RTO",
-               "derta": "DeRTa"}
+               "derta": "DeRTa", "dpo": "Vanilla + DPO",
+               "constrained": "Constrained SFT (Qi et al.)"}
 PAPER_COMP = {"vanilla": 95.0, "recaug": 25.0, "rto_only": 5.0, "derta": 4.0}  # LLaMA3-70B
 UNTOUCHED = "untouched"  # the model before any training
 PART_NAMES = {"rto_count": "RTO", "prefix_count": "harmful-prefix MLE",
               "vanilla_count": "vanilla safety"}
+LOSS_COLUMNS = ("loss/mle", "loss/rto")  # always shown; other loss/* keys when a row has them
 Reports = dict[str, list[dict[str, Any]]]  # model -> report.json of each of its runs (seeds)
 
 
@@ -40,16 +43,31 @@ HAND_WRITTEN = "<!-- Written by hand below this line; rerunning the ablation kee
 
 # ---- the numbers ----------------------------------------------------------------------------
 def final_losses(workdir: pathlib.Path, window: int) -> dict[str, float | None]:
-    """Mean loss/mle and loss/rto over the last `window` logged steps (loss/rto: None when the
-    recipe has no RTO tokens)."""
+    """Mean of every loss/* metric over the last `window` logged steps that have it: loss/mle,
+    loss/rto (only steps with RTO tokens), loss/dpo or loss/constrained_sft; None for one of
+    LOSS_COLUMNS that the run does not log (loss/rto of a recipe without RTO tokens)."""
     path = workdir / "metrics.jsonl"
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"{path} has no metrics")
     last = lines[-window:]
-    rto = [m["loss/rto"] for m in last if m["tokens/rto"] > 0]
-    return {"loss/mle": statistics.fmean(m["loss/mle"] for m in last),
-            "loss/rto": statistics.fmean(rto) if rto else None}
+    keys = dict.fromkeys([*LOSS_COLUMNS, *(k for m in last for k in m if k.startswith("loss/"))])
+    out: dict[str, float | None] = {}
+    for key in keys:
+        values = [m[key] for m in last if key in m and
+                  (key != "loss/rto" or m.get("tokens/rto", 0) > 0)]
+        out[key] = statistics.fmean(values) if values else None
+    return out
+
+
+def run_window(workdir: pathlib.Path) -> int:
+    """How many last logged steps `final_losses` averages: a tenth of the run's steps (>= 1)."""
+    return max(1, run_config(workdir)["train"]["steps"] // 10)
+
+
+def run_config(workdir: pathlib.Path) -> dict[str, Any]:
+    """The config a training workdir ran with (its config.json)."""
+    return json.loads((workdir / "config.json").read_text())
 
 
 def mean_spread(values: Sequence[float | None], digits: int = 1) -> str:
@@ -72,14 +90,16 @@ def results_table(reports: Reports, losses: dict[str, list[dict[str, float | Non
     """(header, rows): one row per model; ASR per attack, over-refusal, final losses."""
     all_reports = [r for rs in reports.values() for r in rs]
     columns = report_lib.column_order(all_reports)
+    loss_columns = list(dict.fromkeys([*LOSS_COLUMNS,
+                                       *(k for ls in losses.values() for l in ls for k in l)]))
     header = ["model"] + [f"{c} %" if report_lib.is_overrefusal_column(c) else f"{c} ASR %"
-                          for c in columns] + ["loss/mle", "loss/rto"]
+                          for c in columns] + loss_columns
     rows = []
     for model, rs in reports.items():
         cells = [mean_spread([r["table"].get(c) for r in rs]) for c in columns]
         run_losses = losses.get(model, [])
-        cells += [mean_spread([losses_[k] for losses_ in run_losses], digits=2)
-                  for k in ("loss/mle", "loss/rto")]
+        cells += [mean_spread([losses_.get(k) for losses_ in run_losses], digits=2)
+                  for k in loss_columns]
         rows.append([row_label(model)] + cells)
     return header, rows
 
@@ -104,15 +124,17 @@ def safety_sets(reports: Reports) -> list[str]:
 
 
 def comp_ordering(reports: Reports) -> str | None:
-    """The measured completion-attack ordering, next to the paper's."""
+    """The measured completion-attack ordering, next to the paper's (its Table 4 rows)."""
     column = report_lib.ATTACK_COLUMNS["completionattack"]
     means = {m: statistics.fmean(r["table"][column] for r in rs) for m, rs in reports.items()
              if m in PAPER_NAMES and all(r["table"].get(column) is not None for r in rs)}
     if len(means) < 2:
         return None
-    paper = {m: PAPER_COMP[m] for m in means}
-    return (f"Completion-attack ASR %, mean over seeds, lowest first: measured {ranking(means)}; "
-            f"the paper's LLaMA3-70B ablation (Table 4): {ranking(paper)}.")
+    text = f"Completion-attack ASR %, mean over seeds, lowest first: measured {ranking(means)}"
+    paper = {m: PAPER_COMP[m] for m in means if m in PAPER_COMP}
+    if len(paper) < 2:
+        return text + "."
+    return text + f"; the paper's LLaMA3-70B ablation (Table 4): {ranking(paper)}."
 
 
 def ranking(values: dict[str, float]) -> str:
@@ -216,11 +238,48 @@ def _shown(path: str) -> str:
             else path)
 
 
-def _mixtures(counts: dict[str, dict[str, int]]) -> str:
-    """`Vanilla (`vanilla`) = 16 vanilla safety; ...`: the safety parts of every recipe."""
-    return "; ".join(
-        f"{row_label(recipe)} = " + " + ".join(f"{n} {PART_NAMES[k]}" for k, n in c.items() if n >= 0)
-        for recipe, c in counts.items())
+def _mixtures(counts: dict[str, dict[str, int]], objectives: dict[str, str]) -> str:
+    """`Vanilla (`vanilla`) = 16 vanilla safety; ...`: the safety parts of every recipe (and the
+    loss of a row that trains them with another than DeRTa's MLE + RTO)."""
+    def parts(recipe: str, c: dict[str, int]) -> str:
+        text = " + ".join(f"{n} {PART_NAMES[k]}" for k, n in c.items()
+                          if k in PART_NAMES and n >= 0)
+        objective = objectives.get(recipe, "derta")
+        return text if objective == "derta" else f"{text.replace(' MLE', '')}, loss {objective}"
+
+    return "; ".join(f"{row_label(recipe)} = {parts(recipe, c)}" for recipe, c in counts.items())
+
+
+def _baseline_lines(workdirs: dict[str, list[pathlib.Path]]) -> list[str]:
+    """Set-up bullets of the DPO and constrained-SFT rows, from their first runs' config.json."""
+    lines = []
+    if workdirs.get("dpo"):
+        c = run_config(workdirs["dpo"][0])
+        d, o, pairs = c["data"], c["optimizer"], c["data"]["pairs_count"]
+        lines.append(
+            f"- {row_label('dpo')}: one epoch of DPO (β {c['loss']['beta']:g}, learning rate "
+            f"{o['learning_rate']:g} and warmup ratio {o['warmup_ratio']:g} as "
+            f"configs/smollm2.py:dpo, {o['schedule']} schedule) from each seed's "
+            f"{row_label('vanilla')} workdir, also its reference model: {c['train']['steps']} "
+            f"steps of {c['train']['batch_size']} pairs, each response sequence cut to "
+            f"{d['max_length'] // 2} tokens. Its data: the first {pairs} safety triples as pairs "
+            "(safe response chosen, harmful rejected), those the other rows draw their safety "
+            "examples from, and no helpful pairs: the demo helpful data has no "
+            "`rejected` answers, so this row trains on the safety pairs only (the paper's DPO "
+            "also has helpful pairs, with rejected answers from Qwen1.5-0.5B-chat).")
+    if workdirs.get("constrained"):
+        c = run_config(workdirs["constrained"][0])
+        lc = c["loss"]
+        b = lc["beta"]
+        first, bias = b * lc["csft_first_token_factor"], b * lc["csft_bias_factor"]
+        lines.append(
+            f"- {row_label('constrained')}: Qi et al.'s token-wise constrained SFT "
+            f"(`loss.objective={lc['objective']}`: β {b:g}, β_1 = {first:g}, "
+            f"β_2..{lc['csft_bias_length']} = {bias:g}, then β) on the "
+            f"{row_label('recaug')} data ({c['data']['prefix_count']} harmful-prefix recovery "
+            "examples and the same helpful pairs), from the untouched model, also its reference; "
+            f"{c['train']['steps']} steps at learning rate {c['optimizer']['learning_rate']:g}.")
+    return lines
 
 
 def _timings_lines(timings: dict[str, Any]) -> list[str]:
@@ -240,9 +299,10 @@ def write_doc(plan: Plan, config: ml_collections.ConfigDict, results: dict[str, 
 
     `config` is the base run config; `results` what `ablation.run` returns (reports, workdirs,
     eval folders and timings per model, the safety budget and each recipe's counts)."""
-    reports, evals = results["reports"], results["evals"]
+    reports, evals, workdirs = results["reports"], results["evals"], results["workdirs"]
     window = max(1, plan.steps // 10)
-    losses = {m: [final_losses(w, window) for w in ws] for m, ws in results["workdirs"].items()}
+    losses = {m: [final_losses(w, run_window(w)) for w in ws] for m, ws in workdirs.items()}
+    objectives = {m: run_config(ws[0])["loss"]["objective"] for m, ws in workdirs.items() if ws}
     header, rows = results_table(reports, losses)
     sets = safety_sets(reports)
     plot_positions(evals, sets, figure)
@@ -263,11 +323,14 @@ def write_doc(plan: Plan, config: ml_collections.ConfigDict, results: dict[str, 
         "",
         f"- Model: `{plan.model_dir}`, full-parameter training from `{_shown(plan.config)}`"
         + (f" with {', '.join(f'`{o}`' for o in plan.overrides)}" if plan.overrides else "") + ".",
-        f"- Every recipe: {plan.steps} steps of {config.train.batch_size} examples packed into "
+        f"- Every {'row but ' + row_label('dpo') if 'dpo' in workdirs else 'recipe'}: "
+        f"{plan.steps} steps of {config.train.batch_size} examples packed into "
         f"rows of {config.data.max_length} tokens, learning rate "
         f"{config.optimizer.learning_rate:g} ({config.optimizer.schedule}), "
         f"{config.data.template} template, RTO keep {config.loss.rto_keep:g}; {helpful} helpful "
-        f"pairs plus {results['budget']} safety examples: {_mixtures(results['counts'])}.",
+        f"pairs plus {results['budget']} safety examples: "
+        f"{_mixtures({m: c for m, c in results['counts'].items() if m != 'dpo'}, objectives)}.",
+        *_baseline_lines(workdirs),
         f"- Seeds {', '.join(map(str, plan.seeds))} (model/RTO rng `train.seed` and data order/"
         "cut `data.seed`), the same for every recipe.",
         f"- Evaluation (`derta_jax.eval`, held-out demo prompts): {prompts}; greedy, "
@@ -279,8 +342,15 @@ def write_doc(plan: Plan, config: ml_collections.ConfigDict, results: dict[str, 
         "## Results (paper Table 4)",
         "",
         "Mean ± sample standard deviation over the seeds (one value: one seed, or the untouched "
-        f"model). Losses: mean of the last {window} logged steps of `metrics.jsonl`; loss/rto is "
-        "'-' for recipes without RTO examples.",
+        f"model). Losses: mean of the last tenth (at least one) of each run's logged steps of "
+        f"`metrics.jsonl`, the last {window} for the rows of {plan.steps} steps; '-' where a row "
+        "logs no such loss (loss/rto for recipes without RTO examples)."
+        + (f" {row_label('dpo')}: loss/dpo is the DPO loss and loss/mle the mean NLL of its "
+           "chosen and rejected response tokens; it trains on safety pairs only (no helpful "
+           "pairs: the demo helpful data has no `rejected` answers)." if "dpo" in workdirs else "")
+        + (f" {row_label('constrained')}: loss/constrained_sft is Qi et al.'s loss per "
+           "supervised token, loss/mle the plain NLL of the same tokens."
+           if "constrained" in workdirs else ""),
         "",
         "| " + " | ".join(header) + " |",
         "|" + " --- |" * len(header),

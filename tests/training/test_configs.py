@@ -78,3 +78,69 @@ def test_paper_configs_take_128_examples_per_step_as_the_official_trainer(spec, 
         seen[step] = len(idx)
         assert epoch == step // 8
     assert seen == ([128] * 7 + [104]) * 2
+
+
+def _changed(spec: str) -> dict:
+    """The keys (section.key) where configs/smollm2.py:<variant> differs from the default demo."""
+    base = parse(f"--config={ROOT / 'configs' / 'smollm2.py'}").to_dict()
+    c = parse(f"--config={ROOT / 'configs' / spec}").to_dict()
+    return {f"{s}.{k}": v for s in c for k, v in c[s].items() if base[s][k] != v}
+
+
+@pytest.mark.parametrize("variant,changed", [
+    ("derta", {}),  # the default, by name
+    ("vanilla", {"data.recipe": "vanilla", "data.vanilla_count": 100, "data.rto_count": -1,
+                 "data.prefix_count": -1}),
+    ("recaug", {"data.recipe": "recaug", "data.prefix_count": 100, "data.rto_count": -1}),
+    ("rto_only", {"data.recipe": "rto_only", "data.vanilla_count": 50, "data.prefix_count": -1}),
+    # the paper's DPO baseline on the vanilla demo workdir: the 100 safety triples as pairs,
+    # 256 tokens per sequence, one epoch, our learning rate, no warmup
+    ("dpo", {"model.checkpoint": "runs/smollm2-vanilla", "data.recipe": "preference",
+             "data.pairs_count": 100, "data.rto_count": -1, "data.prefix_count": -1,
+             "data.max_length": 512, "loss.objective": "dpo", "optimizer.learning_rate": 5e-6,
+             "optimizer.warmup_ratio": 0.0, "train.epochs": 1.0}),
+    # Qi et al. on the recaug data, from the untouched model, the demo's steps and rate
+    ("constrained", {"data.recipe": "recaug", "data.prefix_count": 100, "data.rto_count": -1,
+                     "loss.objective": "constrained_sft"}),
+])
+def test_smollm2_variants_validate_and_change_only_their_keys(variant, changed):
+    from derta_jax.training.config import validate
+    c = parse(f"--config={ROOT / 'configs' / f'smollm2.py:{variant}'}")
+    validate(c)
+    assert _changed(f"smollm2.py:{variant}") == changed
+    # what every variant keeps from the demo (the DPO row's β is LossConfig's default, TRL's 0.1)
+    assert (c.model.dtype, c.data.template, c.train.batch_size, c.loss.beta) == \
+        ("float32", "chat", 24, 0.1)
+
+
+def test_smollm2_default_is_the_derta_demo():
+    c = parse(f"--config={ROOT / 'configs' / 'smollm2.py'}")
+    assert (c.model.checkpoint, c.data.recipe, c.loss.objective, c.data.rto_count,
+            c.data.prefix_count, c.data.max_length, c.optimizer.learning_rate, c.train.epochs) == \
+        ("runs/models/smollm2-135m", "derta", "derta", 50, 50, 256, 1e-4, 2.0)
+    import smollm2  # configs/ is on sys.path through run_helpers
+    assert smollm2.get_config().to_dict() == smollm2.get_config("").to_dict()
+    with pytest.raises(ValueError, match="variant 'dpo_lora'"):
+        smollm2.get_config("dpo_lora")
+
+
+def test_smollm2_dpo_sees_the_vanilla_models_safety_triples_one_epoch():
+    """The DPO variant's pairs are the 100 triples the vanilla variant was tuned on, safe chosen
+    and harmful rejected; the demo helpful data has no `rejected` answers, so there are no helpful
+    pairs: ceil(100 / 24) = 5 steps of 24 pairs."""
+    from derta_jax.data import pipeline
+    from derta_jax.training import config as config_lib
+    runs = {v: config_lib.parse(parse(f"--config={ROOT / 'configs' / f'smollm2.py:{v}'}"))
+            for v in ("vanilla", "dpo")}
+
+    def records(variant):  # base template: no tokenizer; the hand-written helpful file only
+        d = runs[variant].data
+        return pipeline.mixture_records(d.recipe, d.source("safety"), pipeline.DEMO_HELPFUL,
+                                        **d.counts())
+
+    pairs, seen = records("dpo"), records("vanilla")[560:]  # vanilla: helpful first
+    assert len(pairs) == len(seen) == 100
+    assert [p.prefix for p in pairs] == [r.prefix for r in seen]
+    assert [p.chosen for p in pairs] == [r.text for r in seen]  # the safe responses
+    assert all(p.rejected != p.chosen for p in pairs)
+    assert -(-len(pairs) // runs["dpo"].train.batch_size) == 5
