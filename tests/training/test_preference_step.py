@@ -148,3 +148,21 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, objective, llama3_tokenize
                  final_params(tmp_path / "resumed", 3))
     stored = (tmp_path / "straight" / reference.FILE).exists()
     assert stored == (objective in pref.NEEDS_REFERENCE and "model__lora_rank" not in CASES[objective])
+
+
+def test_stored_reference_is_checked_against_the_examples(tmp_path):
+    """The stored file is reused only for the same examples; a resume without it is refused."""
+    examples = pair_examples(3, seed=5)
+    logps = [np.full(ex.length(), -float(i), np.float32) for i, ex in enumerate(examples)]
+    calls = []
+    first = reference.load_or_compute(tmp_path, examples, lambda: calls.append(1) or logps,
+                                      has_progress=False)
+    again = reference.load_or_compute(tmp_path, examples, lambda: calls.append(1) or logps,
+                                      has_progress=True)
+    assert calls == [1]
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="other training examples"):
+        reference.load_or_compute(tmp_path, pair_examples(3, seed=6), lambda: logps, True)
+    with pytest.raises(ValueError, match="is missing but the run has checkpoints"):
+        reference.load_or_compute(tmp_path / "new", examples, lambda: logps, has_progress=True)

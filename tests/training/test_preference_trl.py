@@ -37,6 +37,8 @@ trl = pytest.importorskip("trl")
 
 from derta_jax.checkpoints.hf import load_hf  # noqa: E402
 from derta_jax.checkpoints.names import hf_tensor_specs  # noqa: E402
+from derta_jax.data import packing  # noqa: E402
+from derta_jax.data.tokenize import TokenizedExample, materialize  # noqa: E402
 from derta_jax.models.decoder import Decoder, lm_head_weight  # noqa: E402
 from derta_jax.training import preference  # noqa: E402
 from derta_jax.training.loss import LossConfig  # noqa: E402
@@ -65,29 +67,14 @@ PAIRS = make_pairs()
 
 
 def pack(rows: list[list[int]], pairs=PAIRS, shape=SHAPE) -> dict[str, np.ndarray]:
-    """The batch contract: each row holds the listed pairs, chosen (prompt + chosen) then
-    rejected (prompt + rejected); targets[t] = the next token, loss_mask[t] where that is a
-    response token."""
-    seqs = [[(p + c, len(p)), (p + r, len(p))] for p, c, r in pairs]
+    """The batch contract through the trainer's own packer: each row holds the listed pairs,
+    chosen (prompt + chosen) then rejected (prompt + rejected), loss on the responses."""
+    examples = [materialize(TokenizedExample(np.asarray(p + c, np.int32), len(p),
+                                             rejected=np.asarray(p + r, np.int32)), shape[1])
+                for p, c, r in pairs]
     assert len(rows) == shape[0]
-    assert max(sum(len(s) for j in row for s, _ in seqs[j]) for row in rows) < shape[1]
-    batch = {k: np.zeros(shape, np.int32)
-             for k in ("tokens", "targets", "segment_ids", "positions")}
-    batch["loss_mask"] = np.zeros(shape, bool)
-    batch["rto_mask"] = np.zeros(shape, bool)
-    for b, row in enumerate(rows):
-        start, seg = 0, 1
-        for j in row:
-            for seq, prompt_len in seqs[j]:
-                n = len(seq)
-                sl = slice(start, start + n)
-                batch["tokens"][b, sl] = seq
-                batch["targets"][b, start:start + n - 1] = seq[1:]
-                batch["loss_mask"][b, start + prompt_len - 1:start + n - 1] = True
-                batch["segment_ids"][b, sl] = seg
-                batch["positions"][b, sl] = np.arange(n)
-                start, seg = start + n, seg + 1
-    return batch
+    assert max(sum(len(examples[j]["tokens"]) for j in row) for row in rows) < shape[1]
+    return packing.fill_rows(examples, rows, shape[0], shape[1])
 
 
 # --- the models -------------------------------------------------------------------------------
