@@ -2,13 +2,16 @@
 
     <workdir>/checkpoints/<step>/state        step, params, lora, opt_state, rng (StandardSave)
     <workdir>/checkpoints/<step>/data         the grain iterator state
+    <workdir>/checkpoints/<step>/checksum     a checksum of every state leaf (JSON)
     <workdir>/checkpoints/unreadable-<step>/  a step that could not be read (set aside, never deleted)
     <workdir>/checkpoints/superseded-<step>/  a step newer than checkpoint.restore_step (set aside)
 
-`restore_newest` restores the newest step that reads completely and holds finite values; a step
-that fails is moved to `unreadable-<step>/` with a warning naming it and the reason, and the one
-before it is tried. A folder that holds something but no readable step stops the run with one
-error listing what was tried: a run never silently restarts from scratch. Temporary folders of
+`restore_newest` restores the newest step that reads completely, holds finite values and matches
+the checksums written with it (damage that still decodes, such as flipped bytes in a tensor file,
+changes them; a step saved before checksums existed is not checked); a step that fails is moved
+to `unreadable-<step>/` with a warning naming it and the reason, and the one before it is tried.
+A folder that holds something but no readable step stops the run with one error listing what was
+tried: a run never silently restarts from scratch. Temporary folders of
 saves that did not finish (`<step>.orbax-checkpoint-tmp...`) are not progress: `remove_unfinished`
 deletes them at start. A save that runs out of disk space raises `DiskFullError`; Orbax deletes
 old steps only after a new one is complete, so the earlier checkpoints stay intact.
@@ -23,6 +26,7 @@ after the restore returned), so a damaged step reads as its one warning.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -38,6 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 CHECKPOINT_DIR = "checkpoints"
 UNREADABLE = "unreadable"
@@ -129,11 +134,44 @@ def _raise_disk_full(mngr: ocp.CheckpointManager, e: BaseException) -> None:
                         "free space and rerun to resume from the newest") from None
 
 
+def _as_uint32(x: jax.Array) -> jax.Array:
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32)
+
+
+def _checksum_leaves(tree: Any) -> Any:
+    """Per leaf: sum over elements of bits(x) * (2 * flat index + 1), modulo 2**32. Any change of
+    one element changes it (the weight is odd), as does moving values; one fused pass per leaf."""
+    def one(x):
+        index = sum((jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) *
+                     np.uint32(int(np.prod(x.shape[d + 1:], dtype=np.int64)) % 2 ** 32)
+                     for d in range(x.ndim)), jnp.zeros(x.shape, jnp.uint32))
+        return jnp.sum(_as_uint32(x) * (index * np.uint32(2) + np.uint32(1)), dtype=jnp.uint32)
+    return jax.tree.map(one, tree)
+
+
+@functools.lru_cache(maxsize=None)
+def _checksum_fn(out_sharding: Any) -> Any:
+    return jax.jit(_checksum_leaves, out_shardings=out_sharding)
+
+
+def checksums(state: Any) -> dict[str, int]:
+    """{leaf name: checksum} of a train state (what a save writes and a restore compares)."""
+    sharding = jax.tree.leaves(state)[0].sharding  # the sums replicated: every process reads them
+    sums = jax.device_get(_checksum_fn(NamedSharding(sharding.mesh, P()) if isinstance(
+        sharding, NamedSharding) else sharding)(state))
+    return {_leaf_name(p): int(v) for p, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, loader: Any) -> None:
-    """Saves `step` (in the background with async_save); DiskFullError when the disk is full."""
+    """Saves `step` (in the background with async_save) with the state's checksums;
+    DiskFullError when the disk is full."""
     try:
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                data=grain.checkpoint.CheckpointSave(loader)),
+                                                data=grain.checkpoint.CheckpointSave(loader),
+                                                checksum=ocp.args.JsonSave(checksums(state))),
                   force=True)
     except Exception as e:  # a background save's error surfaces at the next save
         _raise_disk_full(mngr, e)
@@ -222,14 +260,23 @@ def restore(mngr: ocp.CheckpointManager, step: int, shardings: Any, abstract_sta
     _check_matches(path / "state", abstract_state)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_state, shardings)
+    items = {"state": ocp.args.StandardRestore(target),
+             "data": grain.checkpoint.CheckpointRestore(loader)}
+    if (path / "checksum").is_dir():
+        items["checksum"] = ocp.args.JsonRestore()
     try:
-        restored = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(loader)))
+        restored = mngr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # Orbax raises many types; name the checkpoint in every case
         raise Unreadable(f"{type(e).__name__}: {_short(e)}") from e
     bad = first_nonfinite(restored["state"])
     if bad is not None:
         raise Unreadable(f"{bad} holds non-finite values")
+    if "checksum" in items:
+        saved, now = restored["checksum"], checksums(restored["state"])
+        bad = next((n for n in now if saved.get(n) != now[n]), None)
+        if bad is not None:
+            raise Unreadable(f"{bad} does not match the checksum written with it (the stored "
+                             "values changed after the save)")
     return restored["state"]
 
 

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shutil
 
 import grain
 import jax
@@ -41,6 +42,56 @@ def test_a_damaged_latest_step_is_set_aside_and_the_one_before_wins(base_copy, d
                      caplog.text), caplog.text
     assert _names(base_copy) == ["2", "unreadable-4"]
     assert [r["step"] for r in read_metrics(base_copy)] == [1, 2]
+
+
+def test_values_changed_after_the_save_fail_the_checksum_and_the_one_before_wins(base_copy,
+                                                                                caplog):
+    """Step 4's state rewritten as a valid checkpoint holding one other value (what flipped bytes
+    that still decode amount to): its checksum no longer matches, so step 2 wins. A step saved
+    without checksums (before they existed) is restored unchecked."""
+    step4 = base_copy / "checkpoints" / "4"
+    state = _state(base_copy, 4)
+    scale = state["params"]["final_norm"]["scale"]
+    state["params"]["final_norm"]["scale"] = scale.at[3].add(1.0)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(base_copy / "other", state)
+        checkpointer.wait_until_finished()
+    os.rename(step4 / "state", base_copy / "state-4")
+    os.rename(base_copy / "other", step4 / "state")
+    with caplog.at_level(logging.WARNING, "derta_jax"), faults.stop_before_the_first_step() as run:
+        loop.train(tiny_config(6, **BASE), base_copy)
+    assert run["start"] == 2
+    assert re.search(r"checkpoints/4 cannot be restored \(params\.final_norm\.scale does not "
+                     r"match the checksum written with it", caplog.text), caplog.text
+    os.rename(base_copy / "checkpoints" / "unreadable-4", step4)
+    os.rename(step4 / "state", base_copy / "changed-4")
+    os.rename(base_copy / "state-4", step4 / "state")
+    shutil.rmtree(step4 / "checksum")
+    with faults.stop_before_the_first_step() as run:
+        loop.train(tiny_config(6, **BASE), base_copy)
+    assert run["start"] == 4
+
+
+def test_checksums_change_with_any_element_of_any_dtype_and_with_moved_values():
+    import jax.numpy as jnp
+    tree = {"f32": jnp.arange(12, dtype=jnp.float32).reshape(3, 4) / 7,
+            "bf16": jnp.linspace(-1, 1, 10, dtype=jnp.bfloat16), "int": jnp.arange(5),
+            "u32": jnp.array([1, 2], jnp.uint32), "bool": jnp.array([True, False, True]),
+            "scalar": jnp.float32(2.5)}
+    base = ckpt.checksums(tree)
+    assert base == ckpt.checksums(jax.tree.map(jnp.copy, tree))
+    for name, x in tree.items():
+        flat = x.reshape(-1)
+        for i in range(flat.size):
+            changed = flat.at[i].set(~flat[i] if x.dtype == jnp.bool_ else
+                                     flat[i] + (1 if jnp.issubdtype(x.dtype, jnp.integer)
+                                                else 0.5))
+            sums = ckpt.checksums({**tree, name: changed.reshape(x.shape)})
+            assert sums[name] != base[name], (name, i)
+            assert {k: v for k, v in sums.items() if k != name} == \
+                {k: v for k, v in base.items() if k != name}
+    swapped = tree["f32"].at[0, 0].set(tree["f32"][2, 3]).at[2, 3].set(tree["f32"][0, 0])
+    assert ckpt.checksums({**tree, "f32": swapped})["f32"] != base["f32"]
 
 
 def test_a_finished_run_has_nothing_to_do_and_is_left_alone(base_copy, caplog):
