@@ -37,6 +37,9 @@ from derta_jax.training.config import base_config
 CHECKPOINTS = {"8b": "models/llama3-8b", "70b_lora": "models/llama3-70b",
                "70b_instruct_lora": "models/llama3-70b-instruct",
                "8b_dpo": "models/llama3-8b-vanilla", "70b_dpo_lora": "models/llama3-70b-vanilla"}
+# The architecture of each checkpoint, so `python -m derta_jax.plan` needs no weights.
+PRESETS = {"8b": "llama3-8b", "70b_lora": "llama3-70b", "70b_instruct_lora": "llama3-70b",
+           "8b_dpo": "llama3-8b", "70b_dpo_lora": "llama3-70b"}
 DPO = {"8b_dpo": 5e-7, "70b_dpo_lora": 2e-6}  # the paper's DPO learning rates
 
 
@@ -65,8 +68,9 @@ def lora(c):
     return c
 
 
-def paper_defaults(c, checkpoint: str, recipe: str):
+def paper_defaults(c, checkpoint: str, recipe: str, preset: str):
     c.model.checkpoint = checkpoint
+    c.model.preset = preset
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
     c.model.remat = "full"
@@ -104,6 +108,6 @@ def get_config(arg=None):
             raise ValueError(f"configs/llama3.py variant {variant!r} takes no recipe (its data are "
                              "the preference pairs)")
         recipe = "preference"
-    c = paper_defaults(base_config(), CHECKPOINTS[variant], recipe)
+    c = paper_defaults(base_config(), CHECKPOINTS[variant], recipe, PRESETS[variant])
     c = full_parameter(c) if variant in ("8b", "8b_dpo") else lora(c)
     return dpo(c, DPO[variant]) if variant in DPO else c

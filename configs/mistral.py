@@ -21,5 +21,5 @@ def get_config(arg=None):
     variant, recipe = llama3.parse(arg, "7b")
     if variant != "7b":
         raise ValueError(f"configs/mistral.py variant {variant!r}: expected '7b'")
-    c = llama3.paper_defaults(base_config(), "models/mistral-7b", recipe)
+    c = llama3.paper_defaults(base_config(), "models/mistral-7b", recipe, "mistral-7b")
     return llama3.full_parameter(c)

@@ -23,5 +23,6 @@ def get_config(arg=None):
     variant, recipe = llama3.parse(arg, "8x7b")
     if variant != "8x7b":
         raise ValueError(f"configs/mixtral.py variant {variant!r}: expected '8x7b'")
-    c = llama3.paper_defaults(base_config(), "models/mixtral-8x7b", recipe)
+    c = llama3.paper_defaults(base_config(), "models/mixtral-8x7b", recipe,
+                              "mixtral-8x7b")
     return llama3.lora(c)

@@ -48,7 +48,8 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
 class ModelSource:
     checkpoint: str = ""  # model dir from `python -m derta_jax.convert` (config, params, tokenizer)
     init: str = "checkpoint"  # checkpoint: load its params | random: random init (tests, smoke runs)
-    preset: str = ""  # with init=random and no checkpoint: a ModelConfig preset (models/config.py)
+    preset: str = ""  # a ModelConfig preset (models/config.py): the architecture of a random
+    # init without checkpoint, and the one `derta_jax.plan` compiles before the checkpoint exists
     arch_overrides: str = "{}"  # JSON dict of ModelConfig fields replacing the preset's (tiny models)
     tokenizer: str = ""  # tokenizer dir; '' = model.checkpoint
 
