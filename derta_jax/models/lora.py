@@ -28,8 +28,10 @@ def adapters(module: nn.Module, cfg: ModelConfig, fan_in: int, fan_out: int,
     """Declares (or reads) lora_a / lora_b on `module`: A ~ kaiming-uniform like PEFT, B = 0.
 
     `axes`: the logical names of the adapted kernel's first input and first output dimension.
-    A's input and B's output dimension take them (the rank stays whole), so the adapters and
-    their optimizer state shard like the kernel instead of being copied to every device."""
+    A's input and B's output dimension take them, so the adapters and their optimizer state shard
+    like the kernel instead of being copied to every device; the rank dimension is `lora_rank`,
+    which takes the fsdp axis wherever the other dimension does not (B of q/k/v/gate/up, A of
+    o/down: their kernels shard over fsdp only on the embed side)."""
     lead = (experts,) if experts else ()
     lead_axes = ("expert",) if experts else ()
     bound = 1.0 / math.sqrt(fan_in)
@@ -40,9 +42,9 @@ def adapters(module: nn.Module, cfg: ModelConfig, fan_in: int, fan_out: int,
         return jax.random.uniform(key, lead + (fan_in, cfg.lora_rank), param_dtype, -bound, bound)
 
     a = module.variable(LORA_COLLECTION, "lora_a",
-                        nn.with_logical_partitioning(init_a, lead_axes + (axes[0], None)))
+                        nn.with_logical_partitioning(init_a, lead_axes + (axes[0], "lora_rank")))
     b = module.variable(LORA_COLLECTION, "lora_b", nn.with_logical_partitioning(
-        lambda: jnp.zeros(lead + (cfg.lora_rank, fan_out), param_dtype), lead_axes + (None, axes[1])))
+        lambda: jnp.zeros(lead + (cfg.lora_rank, fan_out), param_dtype), lead_axes + ("lora_rank", axes[1])))
     return nn.meta.unbox(a.value), nn.meta.unbox(b.value)
 
 

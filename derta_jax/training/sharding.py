@@ -30,6 +30,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("expert", None),
     ("layers", None),
     ("length", None),
+    ("lora_rank", "fsdp"),  # last: only where the adapter's other dimension left fsdp unused
 )
 
 
