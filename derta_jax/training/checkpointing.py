@@ -19,9 +19,10 @@ old steps only after a new one is complete, so the earlier checkpoints stay inta
 Orbax reads a step with one TensorStore read per tensor, gathered in a fresh asyncio loop that it
 closes as soon as the first read fails; the reads still in flight then answer the closed loop from
 TensorStore's threads, and TensorStore reports each RuntimeError("Event loop is closed") as
-unraisable: a bare traceback on stderr each, none to dozens per damaged step as the timing goes.
-`make_manager` makes the process drop exactly those reports, for good (a read in flight may answer
-after the restore returned), so a damaged step reads as its one warning.
+unraisable, and asyncio logs each failed read whose task is collected unawaited ("Task exception
+was never retrieved", as late as exit): a bare traceback on stderr each, none to dozens per damaged
+step as the timing goes. `make_manager` makes the process drop exactly those reports, for good (a
+read in flight may answer after the restore returned), so a damaged step reads as its one warning.
 """
 from __future__ import annotations
 
@@ -81,6 +82,16 @@ def _drop_late_loop_callbacks() -> None:
 
     hook.drops_late_loop_callbacks = True
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_unretrieved_read)
+
+
+def _unretrieved_read(record: logging.LogRecord) -> bool:
+    """False (drop) for asyncio's "Task exception was never retrieved" about an Orbax tensor read
+    (`async_deserialize`) of a step whose restore already failed: the other reads of that step
+    fail too, and asyncio reports each one whenever its task is collected, as late as exit."""
+    message = record.getMessage()
+    return not (message.startswith("Task exception was never retrieved")
+                and "coro=<async_deserialize()" in message)
 
 
 def make_manager(workdir: str | pathlib.Path, keep: int, async_save: bool) -> ocp.CheckpointManager:
