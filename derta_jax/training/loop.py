@@ -38,6 +38,7 @@ from typing import Any
 
 import jax
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 import tqdm
@@ -93,10 +94,19 @@ def load_params(run: config_lib.RunConfig, cfg: ModelConfig, shardings: Any) -> 
     if not cfg.scan_layers:
         return model_dir.load_model_dir(run.source.checkpoint, dtype=cfg.param_dtype,
                                         shardings=shardings)[1]
-    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    # Each layer read straight onto its devices, sharded as its slice of the stack, then stacked
+    # on device: a process reads only its devices' shards and the host never holds the model.
     _, params = model_dir.load_model_dir(run.source.checkpoint, dtype=cfg.param_dtype,
-                                         shardings=cpu)
-    return jax.device_put(layout.stack_layers(params), shardings)
+                                         shardings=layer_shardings(shardings, cfg.num_layers))
+    return jax.jit(layout.stack_layers, out_shardings=shardings)(params)
+
+
+def layer_shardings(stacked: Any, num_layers: int) -> Any:
+    """The canonical tree's shardings from the stacked tree's: each layers_i sharded like its
+    slice of the stack (the stacked sharding without its leading layer axis)."""
+    layer = jax.tree.map(lambda s: NamedSharding(s.mesh, P(*s.spec[1:])), stacked["layers"])
+    rest = {k: v for k, v in stacked.items() if k != "layers"}
+    return {**rest, **{f"layers_{i}": layer for i in range(num_layers)}}
 
 
 def load_examples(d: config_lib.DataConfig, tokenizer: Any) -> list[Any]:
