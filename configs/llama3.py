@@ -65,6 +65,9 @@ def lora(c):
     c.optimizer.weight_decay = 0.0
     c.data.max_length = 512
     c.loss.rto_keep = 1.0
+    # One layer body to compile instead of 80 (`python -m derta_jax.plan` for 70B on v5p-64: the
+    # scanned step compiles in 160-280 s here; benchmarks/README.md, "Will it fit?").
+    c.model.scan_layers = True
     return c
 
 

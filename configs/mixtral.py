@@ -25,4 +25,9 @@ def get_config(arg=None):
         raise ValueError(f"configs/mixtral.py variant {variant!r}: expected '8x7b'")
     c = llama3.paper_defaults(base_config(), "models/mixtral-8x7b", recipe,
                               "mixtral-8x7b")
-    return llama3.lora(c)
+    c = llama3.lora(c)
+    # Two micro-batches of 64 rows: on v5p-64 one step of 128 rows x 512 needs 107.86 GiB of
+    # temporaries per chip (the TPU compiler refuses it), two need 53.75 (59.69 GiB in all of
+    # 95; `python -m derta_jax.plan`, benchmarks/README.md). 2 x 8 H100: accum_steps=8.
+    c.train.accum_steps = 2
+    return c

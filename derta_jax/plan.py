@@ -18,8 +18,9 @@ collectives differ). `cpu-N` plans for N fake CPU devices (tests), with `--memor
 
 The batch is the most rows a step of the run can take: train.batch_size examples one per row,
 rounded up to the multiple the loop uses (training/loop.py make_plan); packing only lowers it
-(`--rows` sets it, e.g. from a run's plan.json). Exit code 0 when it fits, 1 when it does not,
-2 on a user error.
+(`--rows` sets it, e.g. from a run's plan.json). A step that the TPU compiler refuses for lack
+of memory does not fit: the plan reports the temporaries the compiler asked for. Exit code 0 when
+it fits, 1 when it does not, 2 on a user error.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import sys
 import time
 from typing import Any
@@ -172,13 +174,20 @@ def plan(config: Any, t: Target, rows: int = 0, mfu: float = 0.4) -> dict[str, A
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=shd.replicated(mesh))
     start = time.perf_counter()
     with mesh, nn.logical_axis_rules(shd.LOGICAL_RULES):
-        compiled = setup.step_fn.lower(state, batch, rng).compile()
+        try:
+            compiled = setup.step_fn.lower(state, batch, rng).compile()
+        except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses what cannot fit
+            compiled, refused = None, _refused(e, (state, batch, rng))
     compile_s = time.perf_counter() - start
-    mem = compiled.memory_analysis()
-    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-             + mem.temp_size_in_bytes)
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if compiled is not None:
+        m = compiled.memory_analysis()
+        mem = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+               "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes}
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    else:
+        mem, cost = refused, {}
+    mem["total"] = mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"]
     model_flops = perf.train_flops_per_token(cfg, length) * rows * length
     step_s = model_flops / (t.devices * t.peak_flops * mfu) if t.peak_flops > 0 else None
     trainable = "lora" if cfg.lora_rank > 0 else "params"
@@ -192,14 +201,26 @@ def plan(config: Any, t: Target, rows: int = 0, mfu: float = 0.4) -> dict[str, A
                   "param_dtype": cfg.param_dtype},
         "batch": {"rows": rows, "length": length, "accum_steps": tr.accum_steps,
                   "examples_per_step": tr.batch_size},
-        "per_device_bytes": {"arguments": mem.argument_size_in_bytes,
-                             "outputs": mem.output_size_in_bytes,
-                             "aliased": mem.alias_size_in_bytes,
-                             "temporaries": mem.temp_size_in_bytes, "total": total},
-        "fits": total <= t.memory, "compile_s": compile_s,
+        "per_device_bytes": mem, "fits": compiled is not None and mem["total"] <= t.memory,
+        "refused_by_compiler": compiled is None, "compile_s": compile_s,
         "xla_flops_per_device": float(cost.get("flops", 0.0)),
         "model_flops_per_step": model_flops, "mfu": mfu, "step_s_at_mfu": step_s,
     }
+
+
+def _refused(e: Exception, arguments: Any) -> dict[str, int]:
+    """The per-device bytes of a step that the TPU compiler refused for lack of memory: the
+    arguments' shards (the outputs are the donated state) and the temporaries XLA said it needs
+    ("... HLO temporaries (107.86G) exceeds available HBM ..."). Any other error is raised."""
+    import jax
+    found = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", str(e))
+    if "RESOURCE_EXHAUSTED" not in str(e) or found is None:
+        raise e
+    temporaries = int(float(found[1]) * 1024 ** ("KMGT".index(found[2]) + 1))
+    arguments_bytes = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                          for x in jax.tree.leaves(arguments))
+    return {"arguments": arguments_bytes, "outputs": arguments_bytes, "aliased": arguments_bytes,
+            "temporaries": temporaries}
 
 
 def _count(n: float) -> str:
@@ -222,9 +243,12 @@ def describe(p: dict[str, Any], name: str) -> str:
         f"{gib(mem['temporaries'])}; total {gib(mem['total'])} of {gib(p['device_memory_bytes'])}"
         f": {'fits' if p['fits'] else 'DOES NOT FIT'} "
         f"({100 * mem['total'] / p['device_memory_bytes']:.0f}%)",
-        f"compile: {p['compile_s']:.1f} s",
-        f"FLOPs per step: model {p['model_flops_per_step']:.3g} (training/perf.py); XLA "
-        f"{p['xla_flops_per_device']:.3g} per device (a scanned layer body counts once)",
+        f"compile: {p['compile_s']:.1f} s" + (": refused by the compiler for lack of memory "
+                                               "(temporaries as it reported them)"
+                                               if p["refused_by_compiler"] else ""),
+        f"FLOPs per step: model {p['model_flops_per_step']:.3g} (training/perf.py); XLA " +
+        ("n/a (not compiled)" if p["refused_by_compiler"] else
+         f"{p['xla_flops_per_device']:.3g} per device (a scanned layer body counts once)"),
     ]
     if p["step_s_at_mfu"] is not None:
         lines.append(f"step time at {100 * p['mfu']:.0f}% MFU: {p['step_s_at_mfu']:.2f} s")

@@ -119,3 +119,23 @@ def test_a_tpu_slice_compiles_with_the_tpu_compiler(tmp_path):
     assert p["compiler"] == "XLA's TPU compiler (libtpu)" and p["devices"] == 4
     assert p["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1} and p["fits"]
     assert p["per_device_bytes"]["arguments"] > 0 and p["xla_flops_per_device"] > 0
+
+
+def test_a_step_the_tpu_compiler_refuses_is_reported_as_not_fitting():
+    """libtpu refuses to compile a step whose temporaries exceed HBM (Mixtral LoRA on v5p-64
+    before train.accum_steps=2): the plan takes the temporaries from its message and the
+    arguments from the shardings; any other compile error is raised."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    mesh = jax.sharding.Mesh(jax.devices()[:8], ("fsdp",))
+    weights = jax.ShapeDtypeStruct((1024, 64), jnp.float32, sharding=NamedSharding(mesh, P("fsdp")))
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
+    error = jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (107.86G) exceeds available HBM (95.74G).")
+    mem = plan_lib._refused(error, {"w": weights, "step": scalar})
+    assert mem["temporaries"] == int(107.86 * 1024 ** 3)
+    assert mem["arguments"] == mem["aliased"] == 1024 * 64 * 4 // 8 + 4
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        plan_lib._refused(jax.errors.JaxRuntimeError("INTERNAL: something else"), {})
