@@ -44,6 +44,8 @@ DPO = {"8b_dpo": 5e-7, "70b_dpo_lora": 2e-6}  # the paper's DPO learning rates
 
 
 def full_parameter(c):
+    # Fits v5p-64 as one step of 128 rows (33.32 of 95 GiB per chip); on 8 x H100 add
+    # --config.train.accum_steps=16 (`python -m derta_jax.plan`, benchmarks/README.md).
     c.optimizer.learning_rate = 2e-5
     c.optimizer.schedule = "cosine"
     c.optimizer.warmup_ratio = 0.03

@@ -4,11 +4,10 @@
     python -m derta_jax.train --config=configs/mixtral.py:8x7b --workdir runs/mixtral-derta
 
 Variant `8x7b[,recipe]`. LoRA rank 96, alpha 16, dropout 0.05 on q,k,v,o and the experts'
-w1/w3/w2 (gate/up/down), lr 1e-4 linear decay, no warmup, wd 0, 128 examples per step, 2 epochs,
-max len 512, all RTO
-positions kept; the router stays frozen and its load-balancing loss is reported, not added
-(loss.router_coef = 0, as transformers trains by default). Expected outcome: attack success rates
-near the paper's Mixtral-8x7B DeRTa row (Table 2).
+w1/w3/w2 (gate/up/down), lr 1e-4 linear decay, no warmup, wd 0, 128 examples per step (in 2
+micro-batches), 2 epochs, max len 512, all RTO positions kept; the router stays frozen and its
+load-balancing loss is reported, not added (loss.router_coef = 0, as transformers trains by
+default). Expected outcome: attack success rates near the paper's Mixtral-8x7B DeRTa row (Table 2).
 """
 import pathlib
 import sys
