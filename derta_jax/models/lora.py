@@ -44,7 +44,8 @@ def adapters(module: nn.Module, cfg: ModelConfig, fan_in: int, fan_out: int,
     a = module.variable(LORA_COLLECTION, "lora_a",
                         nn.with_logical_partitioning(init_a, lead_axes + (axes[0], "lora_rank")))
     b = module.variable(LORA_COLLECTION, "lora_b", nn.with_logical_partitioning(
-        lambda: jnp.zeros(lead + (cfg.lora_rank, fan_out), param_dtype), lead_axes + ("lora_rank", axes[1])))
+        lambda: jnp.zeros(lead + (cfg.lora_rank, fan_out), param_dtype),
+        lead_axes + ("lora_rank", axes[1])))
     return nn.meta.unbox(a.value), nn.meta.unbox(b.value)
 
 

@@ -206,10 +206,12 @@ def test_eval_and_export_resolve_the_newest_readable_step_and_refuse_non_finite_
         ckpt_6.params_tree()
 
 
-@pytest.mark.parametrize("damage", ["truncate state/manifest.ocdbt", "zero the largest tensor file"])
+@pytest.mark.parametrize("damage", ["truncate state/manifest.ocdbt",
+                                    "zero the largest tensor file"])
 def test_an_unreadable_step_is_one_warning_not_storage_tracebacks(base_copy, caplog, damage):
-    """One warning line naming the step, and no storage-layer traceback logged at any level, even
-    once the failed reads' tasks are collected (asyncio's "Task exception was never retrieved")."""
+    """One warning line naming the step, and no storage-layer traceback logged at any level (also
+    after a garbage collection; the reports asyncio makes then are tested deterministically in
+    test_unretrieved_failed_reads_of_orbax_are_dropped_and_other_task_errors_kept)."""
     faults.DAMAGES[damage](base_copy / "checkpoints" / "4")
     with caplog.at_level(logging.DEBUG), faults.stop_before_the_first_step() as run:
         loop.train(tiny_config(6, **BASE), base_copy)
@@ -248,4 +250,5 @@ def test_unretrieved_failed_reads_of_orbax_are_dropped_and_other_task_errors_kep
         collect_unretrieved(async_deserialize)
         assert not caplog.records, caplog.text
         collect_unretrieved(other_work)
-    assert ["Task exception was never retrieved" in r.getMessage() for r in caplog.records] == [True]
+    reports = [r.getMessage() for r in caplog.records]
+    assert len(reports) == 1 and reports[0].startswith("Task exception was never retrieved")
