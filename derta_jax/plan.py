@@ -255,31 +255,34 @@ def describe(p: dict[str, Any], name: str) -> str:
     return "\n".join(lines)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:variant]", lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, f"one of {', '.join(TARGETS)} or cpu-N")
-_JSON = flags.DEFINE_string("json", None, "also write the plan to this JSON file")
-_ROWS = flags.DEFINE_integer("rows", 0, "rows per step; 0 = train.batch_size rounded up")
-_MFU = flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation for the implied step time")
-_MEMORY = flags.DEFINE_float("memory_gib", 0.0, "device memory in GiB; 0 = the target's")
-
-
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    with cli.user_errors():
-        t = target(_TOPOLOGY.value, _MEMORY.value)
-        use_fake_cpu_devices(t)
-        with cli.user_errors((OSError,)):
-            _CONFIG.value.to_dict()  # the file is loaded on first use
-        p = plan(_CONFIG.value, t, _ROWS.value, _MFU.value)
-    name = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "the config")
-    print(describe(p, name))
-    if _JSON.value:
-        pathlib.Path(_JSON.value).write_text(json.dumps({"config": name, **p}, indent=1) + "\n")
-    sys.exit(0 if p["fits"] else 1)
-
-
 def run() -> None:
+    """The command line. Its flags are defined here, not at import, so that tests can import this
+    module beside others that define --config."""
+    config = config_flags.DEFINE_config_file("config", None, "config file[:variant]",
+                                             lock_config=True)
+    topology = flags.DEFINE_string("topology", None, f"one of {', '.join(TARGETS)} or cpu-N")
+    json_out = flags.DEFINE_string("json", None, "also write the plan to this JSON file")
+    rows = flags.DEFINE_integer("rows", 0, "rows per step; 0 = train.batch_size rounded up")
+    mfu = flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation for the implied step time")
+    memory = flags.DEFINE_float("memory_gib", 0.0, "device memory in GiB; 0 = the target's")
+
+    def main(argv: list[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        with cli.user_errors():
+            t = target(topology.value, memory.value)
+            use_fake_cpu_devices(t)
+            with cli.user_errors((OSError,)):
+                config.value.to_dict()  # the file is loaded on first use
+            p = plan(config.value, t, rows.value, mfu.value)
+        name = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")),
+                    "the config")
+        print(describe(p, name))
+        if json_out.value:
+            pathlib.Path(json_out.value).write_text(
+                json.dumps({"config": name, **p}, indent=1) + "\n")
+        sys.exit(0 if p["fits"] else 1)
+
     flags.mark_flags_as_required(["config", "topology"])
     app.run(main, flags_parser=cli.parse_absl_flags)
 

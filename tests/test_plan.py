@@ -139,3 +139,12 @@ def test_a_step_the_tpu_compiler_refuses_is_reported_as_not_fitting():
     assert mem["arguments"] == mem["aliased"] == 1024 * 64 * 4 // 8 + 4
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
         plan_lib._refused(jax.errors.JaxRuntimeError("INTERNAL: something else"), {})
+
+
+def test_the_module_imports_beside_other_entry_points_that_define_config():
+    """Its flags are defined when the command line runs, not at import (CI collected this file
+    in a worker that had imported derta_jax.data.inspect: DuplicateFlagError)."""
+    import importlib
+
+    import derta_jax.data.inspect  # noqa: F401  (defines --config)
+    importlib.reload(plan_lib)
