@@ -127,12 +127,11 @@ def devices(t: Target) -> list[Any]:
 
 def architecture(run: Any) -> Any:
     """The model.checkpoint's architecture when it exists, else model.preset (+ arch_overrides)."""
-    from derta_jax.checkpoints import model_dir
+    from derta_jax.checkpoints import model_dir, resolve
     ckpt = pathlib.Path(run.source.checkpoint) if run.source.checkpoint else None
-    if ckpt is not None and (ckpt / "model_config.json").is_file():
-        return model_dir.load_config(ckpt)
-    if ckpt is not None and (ckpt / "model" / "model_config.json").is_file():  # a workdir
-        return model_dir.load_config(ckpt / "model")
+    for folder in (ckpt, ckpt / resolve.WORKDIR_MODEL) if ckpt is not None else ():
+        if (folder / model_dir.CONFIG_FILE).is_file():  # a model dir, or a training workdir's
+            return model_dir.load_config(folder)
     if run.source.preset:
         return run.preset_model()
     raise ValueError(f"model.checkpoint={run.source.checkpoint!r} holds no model_config.json: set "
@@ -147,6 +146,7 @@ def plan(config: Any, t: Target, rows: int = 0, mfu: float = 0.4) -> dict[str, A
     import jax.numpy as jnp
 
     from derta_jax.training import config as config_lib
+    from derta_jax.training import loop
     from derta_jax.training import perf
     from derta_jax.training import sharding as shd
     from derta_jax.training import step as step_lib
@@ -156,15 +156,13 @@ def plan(config: Any, t: Target, rows: int = 0, mfu: float = 0.4) -> dict[str, A
     mesh = shd.make_mesh(run.mesh, devices(t))
     tr = run.train
     processes = max(1, t.devices // t.devices_per_host)
-    multiple = math.lcm(mesh.shape["data"] * mesh.shape["fsdp"], tr.accum_steps, processes)
+    multiple = loop.row_multiple(mesh, tr.accum_steps, processes)
     rows = rows or -(-tr.batch_size // multiple) * multiple
     if rows % multiple:
         raise ValueError(f"--rows={rows}: expected a multiple of {multiple} (data x fsdp shards, "
                          "train.accum_steps and hosts)")
     length = run.data.max_length
-    setup = step_lib.build(step_lib.StepConfig(cfg, run.loss, run.optimizer, tr.accum_steps,
-                                               skip_nonfinite=tr.on_nonfinite == "skip"),
-                           mesh, total_steps=1000)
+    setup = step_lib.build(loop.step_config(run, cfg), mesh, total_steps=1000)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          setup.abstract, setup.shardings)
     dtypes = {"ref_logps": jnp.float32, "loss_mask": jnp.bool_, "rto_mask": jnp.bool_}

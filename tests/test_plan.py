@@ -1,5 +1,7 @@
 """derta_jax/plan.py: the AOT memory plan agrees with what the real step allocates, says when a
 config does not fit, and compiles for a TPU slice with XLA's TPU compiler when libtpu is there."""
+import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -83,10 +85,21 @@ def test_a_config_that_cannot_fit_says_so_with_exit_code_1(tmp_path):
     (["--topology", "v9-8"], "error: --topology='v9-8': expected one of v4-8, "),
     (["--topology", "cpu-8", "--config.mesh.data=3"], "error: mesh: data*fsdp*tensor = 3 but "
                                                        "there are 8 devices"),
+    (["--topology", "cpu-8", "--rows", "3"], "error: --rows=3: expected a multiple of 8"),
 ])
 def test_user_errors_are_one_line(args, message):
     proc = run_module("derta_jax.plan", f"--config={ROOT}/configs/tiny.py", *args)
     assert proc.returncode == 2 and proc.stderr.startswith(message), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None,
+                    reason="this environment has libtpu")
+def test_a_tpu_slice_without_libtpu_says_how_to_get_it():
+    proc = run_module("derta_jax.plan", f"--config={ROOT}/configs/tiny.py", "--topology", "v5p-8")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: --topology=v5p-8 needs libtpu for XLA's TPU compiler: "
+                                  "run `bash scripts/setup.sh --tpu`"), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
@@ -100,7 +113,6 @@ def test_a_paper_config_plans_without_its_weights():
 
 
 def _config(name, arg):
-    import importlib.util
     spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -144,7 +156,5 @@ def test_a_step_the_tpu_compiler_refuses_is_reported_as_not_fitting():
 def test_the_module_imports_beside_other_entry_points_that_define_config():
     """Its flags are defined when the command line runs, not at import (CI collected this file
     in a worker that had imported derta_jax.data.inspect: DuplicateFlagError)."""
-    import importlib
-
     import derta_jax.data.inspect  # noqa: F401  (defines --config)
     importlib.reload(plan_lib)

@@ -11,9 +11,8 @@ the checksums written with it (damage that still decodes, such as flipped bytes 
 changes them; a step saved before checksums existed is not checked); a step that fails is moved
 to `unreadable-<step>/` with a warning naming it and the reason, and the one before it is tried.
 A folder that holds something but no readable step stops the run with one error listing what was
-tried: a run never silently restarts from scratch. Temporary folders of
-saves that did not finish (`<step>.orbax-checkpoint-tmp...`) are not progress: `remove_unfinished`
-deletes them at start. A save that runs out of disk space raises `DiskFullError`; Orbax deletes
+tried: a run never silently restarts from scratch. Temporary folders of saves that did not finish
+(`<step>.orbax-checkpoint-tmp...`) are not progress: `remove_unfinished` deletes them at start. A save that runs out of disk space raises `DiskFullError`; Orbax deletes
 old steps only after a new one is complete, so the earlier checkpoints stay intact.
 
 Orbax reads a step with one TensorStore read per tensor, gathered in a fresh asyncio loop that it

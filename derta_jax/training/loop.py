@@ -118,15 +118,27 @@ def load_examples(d: config_lib.DataConfig, tokenizer: Any) -> list[Any]:
     return examples
 
 
+def row_multiple(mesh: Any, accum_steps: int, processes: int) -> int:
+    """What the rows of a step must be a multiple of: the data axes, the micro-batches and the
+    processes all divide them."""
+    return math.lcm(mesh.shape["data"] * mesh.shape["fsdp"], accum_steps, processes)
+
+
+def step_config(run: config_lib.RunConfig, cfg: ModelConfig) -> step_lib.StepConfig:
+    """The train step's config (what training and `derta_jax.plan` build the step from)."""
+    t = run.train
+    return step_lib.StepConfig(cfg, run.loss, run.optimizer, t.accum_steps,
+                               skip_nonfinite=t.on_nonfinite == "skip")
+
+
 def make_plan(run: config_lib.RunConfig, examples: list[Any], mesh: Any) -> loader_lib.Plan:
     """The data plan: train.batch_size examples per step, packed into a row count that the data
     axes, the micro-batches and the processes all divide."""
     t, d = run.train, run.data
-    data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    multiple = math.lcm(data_shards, t.accum_steps, jax.process_count())
     return loader_lib.make_plan(examples, t.batch_size, d.max_length, d.seed, epochs=t.epochs,
                                 steps=t.steps if t.steps > 0 else None, packing=d.packing,
-                                row_multiple=multiple)
+                                row_multiple=row_multiple(mesh, t.accum_steps,
+                                                          jax.process_count()))
 
 
 def log_plan(plan: loader_lib.Plan) -> None:
@@ -305,9 +317,7 @@ def _prepare(run_cfg: config_lib.RunConfig, workdir: pathlib.Path) -> _Run | Non
             f"{plan.total_steps} steps (train.epochs={t.epochs})"
         log.info("already at step %d >= %s: nothing to do", at, total)
         return None
-    setup = step_lib.build(step_lib.StepConfig(cfg, run_cfg.loss, run_cfg.optimizer, t.accum_steps,
-                                               skip_nonfinite=t.on_nonfinite == "skip"),
-                           mesh, plan.total_steps)
+    setup = step_lib.build(step_config(run_cfg, cfg), mesh, plan.total_steps)
     rng = jax.random.PRNGKey(t.seed)
     fresh = {}  # the initial state, when computing the reference needed it
     if step_lib.needs_stored_reference(setup.cfg):
