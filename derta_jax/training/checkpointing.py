@@ -85,12 +85,14 @@ def _drop_late_loop_callbacks() -> None:
 
 
 def _unretrieved_read(record: logging.LogRecord) -> bool:
-    """False (drop) for asyncio's "Task exception was never retrieved" about an Orbax tensor read
-    (`async_deserialize`) of a step whose restore already failed: the other reads of that step
-    fail too, and asyncio reports each one whenever its task is collected, as late as exit."""
+    """False (drop) for asyncio's "Task exception was never retrieved" about a tensor read of a
+    step whose restore already failed: the other reads of that step fail too, and asyncio reports
+    each one whenever its task is collected, as late as exit. The task is Orbax's
+    `async_deserialize` or asyncio's wrapper around a TensorStore future (`_wrap_awaitable`),
+    whose error names its `tensorstore_spec`."""
     message = record.getMessage()
     return not (message.startswith("Task exception was never retrieved")
-                and "coro=<async_deserialize()" in message)
+                and ("coro=<async_deserialize()" in message or "tensorstore_spec=" in message))
 
 
 def make_manager(workdir: str | pathlib.Path, keep: int, async_save: bool) -> ocp.CheckpointManager:

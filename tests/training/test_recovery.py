@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tensorstore as ts
 
 from benchmarks import faults
 from derta_jax.data import loader as loader_lib
@@ -233,21 +234,26 @@ async def other_work():
 def test_unretrieved_failed_reads_of_orbax_are_dropped_and_other_task_errors_kept(tmp_path,
                                                                                  caplog):
     """What the fault benchmark saw at exit after a zeroed tensor file: asyncio logging "Task
-    exception was never retrieved" for each of Orbax's failed `async_deserialize` reads. Those
+    exception was never retrieved" for each of Orbax's failed `async_deserialize` reads, and (in
+    CI, after a deleted tensor file) for asyncio's task around a failed TensorStore future. Those
     are dropped once a manager exists; the same report about any other coroutine is kept."""
     import asyncio
 
-    def collect_unretrieved(coro):
+    def collect_unretrieved(awaitable):
         event_loop = asyncio.new_event_loop()
-        task = event_loop.create_task(coro())
+        task = asyncio.ensure_future(awaitable(), loop=event_loop)
         event_loop.run_until_complete(asyncio.sleep(0.01))
         event_loop.close()
         del task
         gc.collect()
 
+    def failed_tensorstore_read():
+        return ts.open({"driver": "zarr", "kvstore": f"file://{tmp_path}/missing/"}, open=True)
+
     ckpt.make_manager(tmp_path, keep=1, async_save=False)
     with caplog.at_level(logging.ERROR, "asyncio"):
         collect_unretrieved(async_deserialize)
+        collect_unretrieved(failed_tensorstore_read)
         assert not caplog.records, caplog.text
         collect_unretrieved(other_work)
     reports = [r.getMessage() for r in caplog.records]
