@@ -60,43 +60,58 @@ class Unreadable(Exception):
     """A step that cannot be restored: damaged, incomplete, or holding non-finite values."""
 
 
-def _late_loop_callback(report: Any) -> bool:
-    """True for an unraisable report of a callback answering an asyncio loop that is closed (a
-    read of a step that already failed: nothing waits for it any more)."""
+# Orbax's coroutines that read the tensors of a step.
+_READ_COROUTINES = ("async_deserialize", "_read_array_index_and_device_put")
+
+
+def _late_read_report(report: Any) -> bool:
+    """True for an unraisable report about a read of a step that already failed (nothing waits
+    for it any more): a callback answering the asyncio loop Orbax closed after the first failed
+    read, or one of Orbax's read coroutines raising its own read error as it is closed."""
     tb = report.exc_traceback
-    return (report.exc_type is RuntimeError and str(report.exc_value) == "Event loop is closed"
-            and tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe")
+    if (report.exc_type is RuntimeError and str(report.exc_value) == "Event loop is closed"
+            and tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe"):
+        return True
+    code = getattr(report.object, "cr_code", None)
+    return code is not None and code.co_name in _READ_COROUTINES
 
 
-def _drop_late_loop_callbacks() -> None:
-    """Makes sys.unraisablehook drop the reports of `_late_loop_callback` (once per process; every
-    other report goes to the hook there was)."""
+def _drop_late_read_reports() -> None:
+    """Makes sys.unraisablehook drop the reports of `_late_read_report` and the asyncio log drop
+    those of `_unretrieved_read` (once per process; every other report goes to the hook there
+    was)."""
     previous = sys.unraisablehook
-    if getattr(previous, "drops_late_loop_callbacks", False):
+    if getattr(previous, "drops_late_read_reports", False):
         return
 
     def hook(report: Any) -> None:
-        if not _late_loop_callback(report):
+        if not _late_read_report(report):
             previous(report)
 
-    hook.drops_late_loop_callbacks = True
+    hook.drops_late_read_reports = True
     sys.unraisablehook = hook
     logging.getLogger("asyncio").addFilter(_unretrieved_read)
 
 
+# What asyncio's "... exception was never retrieved" reports about a tensor read contain: Orbax's
+# read coroutines, asyncio's wrapper around a TensorStore future (it names the tensorstore_spec)
+# and TensorStore's own read error.
+_TENSOR_READS = ("coro=<async_deserialize()", "coro=<_read_array_index_and_device_put()",
+                 "tensorstore_spec=", "Error reading ")
+
+
 def _unretrieved_read(record: logging.LogRecord) -> bool:
-    """False (drop) for asyncio's "Task exception was never retrieved" about a tensor read of a
-    step whose restore already failed: the other reads of that step fail too, and asyncio reports
-    each one whenever its task is collected, as late as exit. The task is Orbax's
-    `async_deserialize` or asyncio's wrapper around a TensorStore future (`_wrap_awaitable`),
-    whose error names its `tensorstore_spec`."""
+    """False (drop) for asyncio's "Task/Future exception was never retrieved" about a tensor
+    read of a step whose restore already failed: the other reads of that step fail too, and
+    asyncio reports each one whenever its task or future is collected, as late as exit."""
     message = record.getMessage()
-    return not (message.startswith("Task exception was never retrieved")
-                and ("coro=<async_deserialize()" in message or "tensorstore_spec=" in message))
+    return not (message.startswith(("Task exception was never retrieved",
+                                    "Future exception was never retrieved"))
+                and any(read in message for read in _TENSOR_READS))
 
 
 def make_manager(workdir: str | pathlib.Path, keep: int, async_save: bool) -> ocp.CheckpointManager:
-    _drop_late_loop_callbacks()
+    _drop_late_read_reports()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True)
     return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / CHECKPOINT_DIR, options=options)

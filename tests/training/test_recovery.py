@@ -227,6 +227,10 @@ async def async_deserialize():  # named as Orbax's tensor read
     raise ValueError("DATA_LOSS: a read of a damaged step")
 
 
+async def _read_array_index_and_device_put():  # named as Orbax's read of one shard
+    raise ValueError("FAILED_PRECONDITION: a read of a damaged step")
+
+
 async def other_work():
     raise ValueError("an error someone must see")
 
@@ -235,8 +239,10 @@ def test_unretrieved_failed_reads_of_orbax_are_dropped_and_other_task_errors_kep
                                                                                  caplog):
     """What the fault benchmark saw at exit after a zeroed tensor file: asyncio logging "Task
     exception was never retrieved" for each of Orbax's failed `async_deserialize` reads, and (in
-    CI, after a deleted tensor file) for asyncio's task around a failed TensorStore future. Those
-    are dropped once a manager exists; the same report about any other coroutine is kept."""
+    CI, after a deleted tensor file) for asyncio's task around a failed TensorStore future, and
+    (after a deleted tensor file of a 40-step run) for Orbax's shard reads and bare futures
+    holding TensorStore's read error. Those are dropped once a manager exists; the same report
+    about any other coroutine or future is kept."""
     import asyncio
 
     def collect_unretrieved(awaitable):
@@ -250,11 +256,21 @@ def test_unretrieved_failed_reads_of_orbax_are_dropped_and_other_task_errors_kep
     def failed_tensorstore_read():
         return ts.open({"driver": "zarr", "kvstore": f"file://{tmp_path}/missing/"}, open=True)
 
+    def failed_future(error):
+        async def make():
+            asyncio.get_running_loop().create_future().set_exception(ValueError(error))
+        return make
+
     ckpt.make_manager(tmp_path, keep=1, async_save=False)
     with caplog.at_level(logging.ERROR, "asyncio"):
         collect_unretrieved(async_deserialize)
         collect_unretrieved(failed_tensorstore_read)
+        collect_unretrieved(_read_array_index_and_device_put)
+        collect_unretrieved(failed_future('FAILED_PRECONDITION: Error reading "mu/3.0" in OCDBT '
+                                          'database at local file "/tmp/x/40/state/"'))
         assert not caplog.records, caplog.text
         collect_unretrieved(other_work)
+        collect_unretrieved(failed_future("an error someone must see"))
     reports = [r.getMessage() for r in caplog.records]
-    assert len(reports) == 1 and reports[0].startswith("Task exception was never retrieved")
+    assert len(reports) == 2 and reports[0].startswith("Task exception was never retrieved")
+    assert reports[1].startswith("Future exception was never retrieved")
