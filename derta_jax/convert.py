@@ -4,8 +4,9 @@
     python -m derta_jax.convert --gguf FILE --out MODEL_DIR
 
 The tokenizer is taken from the checkpoint (the HF folder's tokenizer files, or the GGUF
-metadata); `--tokenizer DIR` gives it from another folder. Safetensors are streamed one tensor
-at a time; pickle weights are refused. No code from the checkpoint's folder is ever run.
+metadata); `--tokenizer DIR` gives it from another folder. Tensors are read, laid out and written
+one at a time, so the converter never holds more than about two of them; pickle weights are
+refused. No code from the checkpoint's folder is ever run.
 A user error (bad input file, missing path) is one line on stderr, exit code 2.
 """
 from __future__ import annotations
@@ -15,12 +16,11 @@ import pathlib
 import time
 
 import jax
-import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from derta_jax import cli
-from derta_jax.checkpoints.gguf import load_gguf
-from derta_jax.checkpoints.hf import load_hf
+from derta_jax.checkpoints.gguf import lazy_gguf
+from derta_jax.checkpoints.hf import lazy_hf
 from derta_jax.checkpoints.model_dir import TOKENIZER_FILES, load_tokenizer, save_model_dir
 
 
@@ -52,14 +52,14 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
         if not args.hf.is_dir():
             raise ValueError(f"Hugging Face folder not found: {args.hf}")
         tokenizer = _hf_tokenizer(args.tokenizer or args.hf)
-        cfg, params = load_hf(args.hf, dtype=args.dtype)
+        cfg, params = lazy_hf(args.hf, dtype=args.dtype)
     else:
-        cfg, params, tokenizer = load_gguf(args.gguf, dtype=args.dtype)
+        cfg, params, tokenizer = lazy_gguf(args.gguf, dtype=args.dtype)
         if args.tokenizer is not None:
             tokenizer = _hf_tokenizer(args.tokenizer)
     out = save_model_dir(args.out, cfg, params, tokenizer)
-    leaves = [np.shape(x) for x in jax.tree.leaves(params)]
-    count = sum(int(np.prod(s)) for s in leaves)
+    leaves = jax.tree.leaves(params)
+    count = sum(x.size for x in leaves)
     print(f"converted {len(leaves)} tensors, {count:,} params ({args.dtype}) to {out} "
           f"in {time.perf_counter() - start:.1f} s")
     return out

@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
-from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from derta_jax.checkpoints.hf import TreeBuilder, check_tensors
+from derta_jax.checkpoints.hf import check_tensors, counting
 from derta_jax.checkpoints.model_dir import load_tokenizer
-from derta_jax.checkpoints.names import Params, TensorSpec, hf_tensor_specs
+from derta_jax.checkpoints.names import (Params, TensorSpec, canonical_shapes, hf_tensor_specs,
+                                         lazy_tree, read_tree, release_pages)
 from derta_jax.models.config import ModelConfig
 
 # Hugging Face name (regex) -> GGUF name, llama architecture.
@@ -150,12 +150,27 @@ def gguf_config(reader: GGUFReader, path: str | os.PathLike, **runtime) -> Model
     )
 
 
-def load_gguf(path: str | os.PathLike, dtype: str = "float32", progress: bool = True
-              ) -> tuple[ModelConfig, Params, PreTrainedTokenizerBase]:
-    """Reads a llama GGUF file: (ModelConfig with `param_dtype=dtype`, canonical tree, tokenizer).
+def _dequantize(data: np.ndarray, qtype: GGMLQuantizationType,
+                block_bytes: int = 16 * 2**20) -> np.ndarray:
+    """`gguf.quants.dequantize`, a block of rows at a time into one float32 array (its own
+    temporaries are several times what it dequantises); float32 stays a view of the file."""
+    if qtype == GGMLQuantizationType.F32 or data.ndim < 2:
+        return dequantize(data, qtype)
+    first = dequantize(data[:1], qtype)
+    out = np.empty((data.shape[0], *first.shape[1:]), np.float32)
+    step = max(1, block_bytes // first.nbytes)
+    for start in range(0, data.shape[0], step):
+        out[start:start + step] = dequantize(data[start:start + step], qtype)
+    return out
 
-    The params are numpy arrays in `dtype`; the file's size and the tensor names and shapes are
-    checked, and the tokenizer read, before dequantising.
+
+def lazy_gguf(path: str | os.PathLike, dtype: str = "float32", progress: bool = True
+              ) -> tuple[ModelConfig, Params, PreTrainedTokenizerBase]:
+    """Reads a llama GGUF file's header: (ModelConfig with `param_dtype=dtype`, the canonical
+    tree of `LazyTensor`s in `dtype`, the tokenizer).
+
+    The file's size and the tensor names and shapes are checked, and the tokenizer read, before
+    any tensor is dequantised; each leaf dequantises its tensor when it is read.
     """
     path = pathlib.Path(path)
     if not path.is_file():
@@ -167,9 +182,20 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", progress: bool = 
     found = {t.name: (path.name, tuple(int(n) for n in reversed(t.shape))) for t in reader.tensors}
     check_tensors(specs, found, cfg, str(path))
     tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
-    builder = TreeBuilder(cfg, dtype)
-    for tensor in tqdm(reader.tensors, desc=f"dequantising {path.name}", unit="tensor",
-                       disable=not progress):
-        array = dequantize(tensor.data, tensor.tensor_type)
-        builder.add(specs[tensor.name], array)
-    return cfg, builder.params, tokenizer
+    tensors = {t.name: t for t in reader.tensors}
+
+    def read(name: str) -> np.ndarray:
+        array = _dequantize(tensors[name].data, tensors[name].tensor_type)
+        if not isinstance(array, np.memmap):  # dequantised into memory: drop the pages it read
+            release_pages(reader.data)()
+        return array  # still mapped (float32): lazy_tree copies it in slabs
+
+    read = counting(read, len(specs), f"dequantising {path.name}", progress)
+    return cfg, lazy_tree(specs, canonical_shapes(cfg), dtype, read), tokenizer
+
+
+def load_gguf(path: str | os.PathLike, dtype: str = "float32", progress: bool = True
+              ) -> tuple[ModelConfig, Params, PreTrainedTokenizerBase]:
+    """`lazy_gguf`, read: the params are numpy arrays in `dtype`."""
+    cfg, tree, tokenizer = lazy_gguf(path, dtype, progress)
+    return cfg, read_tree(tree), tokenizer

@@ -1,8 +1,9 @@
 """A Hugging Face checkpoint folder (config.json + safetensors) -> ModelConfig and canonical tree.
 
 The names, shapes and layout changes come from the one name map (`names.py`); the files are read
-one tensor at a time (`safetensors_io.py`), so peak host memory is the converted tree plus one
-tensor. Every name and shape is checked from the headers before any tensor data is read.
+one tensor at a time (`safetensors_io.py`) when a leaf of the lazy tree is read, so `convert`
+holds one tensor at a time and `load_hf` the converted tree plus one tensor. Every name and shape
+is checked from the headers before any tensor data is read.
 Pickle weights are refused; remote code is never run.
 """
 from __future__ import annotations
@@ -10,14 +11,14 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+from collections.abc import Callable
 
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from derta_jax.checkpoints import safetensors_io
-from derta_jax.checkpoints.names import (ParamPath, Params, TensorSpec, canonical_shapes,
-                                         hf_tensor_specs, set_leaf)
+from derta_jax.checkpoints.names import (Params, TensorSpec, canonical_shapes, hf_tensor_specs,
+                                         lazy_tree, read_tree)
 from derta_jax.models.config import ModelConfig
 
 # Derivable buffers some older exports include; never parameters.
@@ -50,37 +51,27 @@ def _short(names: list[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + more
 
 
-class TreeBuilder:
-    """Assembles the canonical tree from Hugging Face arrays, one tensor at a time.
+def counting(read: Callable[[str], np.ndarray], total: int, desc: str, progress: bool
+             ) -> Callable[[str], np.ndarray]:
+    """`read`, with a progress bar of `total` source tensors (closed after the last)."""
+    bar = tqdm(total=total, desc=desc, unit="tensor", disable=not progress)
 
-    Stacked expert tensors are allocated once at their full shape and filled per expert.
-    """
-
-    def __init__(self, cfg: ModelConfig, dtype: str):
-        self.params: Params = {}
-        self._dtype = jnp.dtype(dtype)
-        self._shapes = canonical_shapes(cfg)
-        self._stacked: dict[ParamPath, np.ndarray] = {}
-
-    def add(self, spec: TensorSpec, array: np.ndarray) -> None:
-        for path, fn in spec.outputs:
-            value = np.ascontiguousarray(fn(array), dtype=self._dtype)
-            if spec.expert is None:
-                set_leaf(self.params, path, value)
-                continue
-            if path not in self._stacked:
-                self._stacked[path] = np.empty(self._shapes[path], self._dtype)
-                set_leaf(self.params, path, self._stacked[path])
-            self._stacked[path][spec.expert] = value
+    def counted(name: str) -> np.ndarray:
+        array = read(name)
+        bar.update()
+        if bar.n >= total:
+            bar.close()
+        return array
+    return counted
 
 
-def load_hf(folder: str | os.PathLike, dtype: str = "float32",
-            progress: bool = True) -> tuple[ModelConfig, Params]:
-    """Reads `config.json` and the safetensors of a Hugging Face checkpoint folder.
+def lazy_hf(folder: str | os.PathLike, dtype: str = "float32", progress: bool = True
+            ) -> tuple[ModelConfig, Params]:
+    """Reads `config.json` and the safetensors headers of a Hugging Face checkpoint folder.
 
-    Returns the ModelConfig (with `param_dtype=dtype`) and the canonical parameter tree as nested
-    dicts of C-contiguous numpy arrays in `dtype` (float32 or bfloat16). Names, shapes and the file
-    list are all checked from the headers before any tensor data is read.
+    Returns the ModelConfig (with `param_dtype=dtype`) and the canonical tree of `LazyTensor`s in
+    `dtype` (float32 or bfloat16): no tensor data is read until a leaf is. Names, shapes and the
+    file list are all checked from the headers first.
     """
     folder = pathlib.Path(folder)
     if not (folder / "config.json").exists():
@@ -93,11 +84,18 @@ def load_hf(folder: str | os.PathLike, dtype: str = "float32",
     if cfg.tie_word_embeddings:
         ignored.add("lm_head.weight")  # some tied checkpoints store the copy anyway
     check_tensors(specs, found, cfg, str(folder), frozenset(ignored))
-    builder = TreeBuilder(cfg, dtype)
-    bar = tqdm(total=len(specs), desc=f"loading {folder.name}", unit="tensor", disable=not progress)
-    for name, array in safetensors_io.iter_tensors(folder, found, set(specs)):
-        builder.add(specs[name], array)
-        del array
-        bar.update()
-    bar.close()
-    return cfg, builder.params
+    read = counting(lambda name: safetensors_io.read_tensor(folder, found, name),
+                    _reads(specs), f"converting {folder.name}", progress)
+    return cfg, lazy_tree(specs, canonical_shapes(cfg), dtype, read)
+
+
+def _reads(specs: dict[str, TensorSpec]) -> int:
+    """How many source reads a whole lazy tree makes (a fused tensor is read once per output)."""
+    return sum(len(spec.outputs) for spec in specs.values())
+
+
+def load_hf(folder: str | os.PathLike, dtype: str = "float32",
+            progress: bool = True) -> tuple[ModelConfig, Params]:
+    """`lazy_hf`, read: the canonical tree as nested dicts of C-contiguous numpy arrays."""
+    cfg, tree = lazy_hf(folder, dtype, progress)
+    return cfg, read_tree(tree)

@@ -8,8 +8,10 @@ A model dir without `params/` (config and tokenizer only) is what a training wor
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import pathlib
+import weakref
 from typing import Any
 
 import jax
@@ -18,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from derta_jax.checkpoints.names import check_params
+from derta_jax.checkpoints.names import LazyTensor, check_params
 from derta_jax.models.config import ModelConfig
 
 CONFIG_FILE = "model_config.json"
@@ -30,8 +32,9 @@ def save_model_dir(out: str | os.PathLike, cfg: ModelConfig, params: Any | None,
                    tokenizer: PreTrainedTokenizerBase | None) -> pathlib.Path:
     """Writes `out/model_config.json`, `out/params/` (unless params is None) and the tokenizer.
 
-    `params` is the canonical tree (numpy or jax arrays). Saving adds almost no host memory to
-    the tree itself (see `_params_checkpointer`). Refuses to overwrite existing params.
+    `params` is the canonical tree: numpy arrays, jax arrays, or `LazyTensor`s, which are read
+    and written one at a time (`convert` holds one tensor at a time). Saving adds almost no host
+    memory to the tree itself (see `_params_checkpointer`). Refuses to overwrite existing params.
     """
     out = pathlib.Path(out).absolute()
     if (out / PARAMS_DIR).exists():
@@ -45,18 +48,44 @@ def save_model_dir(out: str | os.PathLike, cfg: ModelConfig, params: Any | None,
     return out
 
 
+class _OneAtATimeHandler(ocp.type_handlers.NumpyHandler):
+    """Orbax's numpy handler, writing its leaves one after another, in place (no deep copy): a
+    `LazyTensor` is read just before it is written and dropped once it is."""
+
+    def __init__(self):
+        super().__init__(deepcopy_host_arrays=False)
+
+    async def _background_serialize(self, values, infos, args=None):
+        for value, info, arg in zip(values, infos, args):
+            if not isinstance(value, LazyTensor):
+                await super()._background_serialize([value], [info], [arg])
+                continue
+            array = value.read()
+            await super()._background_serialize([array], [info], [arg])
+            written = weakref.ref(array)
+            del array
+            # TensorStore lets go of the source a moment after the write has committed, from its
+            # own threads: wait for that (at most a second) so two tensors are never held.
+            for _ in range(1000):
+                if written() is None:
+                    break
+                await asyncio.sleep(0.001)
+
+
 def _params_checkpointer() -> ocp.Checkpointer:
-    """A synchronous Orbax checkpointer that writes numpy leaves without copying them.
+    """A synchronous Orbax checkpointer that writes numpy leaves one at a time without copying.
 
     Orbax's default numpy handler deep-copies every array before writing, its jax.Array handler
     keeps a host copy of each array alive until the save ends, and zstd compression buffers the
-    compressed chunks: each of these costs about one extra copy of the tree. Numpy leaves are
-    written in place, uncompressed and without OCDBT (measured: benchmarks/README.md, "Conversion
-    and export memory"). Leaves that are already jax arrays use Orbax's array handler.
-    `load_model_dir` restores either kind into jax arrays.
+    compressed chunks: each of these costs about one extra copy of the tree. Numpy leaves and
+    `LazyTensor`s are written in place, one at a time, uncompressed and without OCDBT (measured:
+    benchmarks/README.md, "Conversion and export memory"); they are stored as Orbax's numpy
+    arrays. Leaves that are already jax arrays use Orbax's array handler. `load_model_dir`
+    restores either kind into jax arrays.
     """
+    numpy_handler = _OneAtATimeHandler()
     registry = ocp.type_handlers.create_type_handler_registry(
-        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (np.ndarray, numpy_handler), (LazyTensor, numpy_handler),
         (jax.Array, ocp.type_handlers.ArrayHandler()))
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(
         use_ocdbt=False, use_compression=False, type_handler_registry=registry))

@@ -28,9 +28,14 @@ Ours -> HF (`to_hf_layout`): a kernel `[*in, *out]` goes out as `kernel.reshape(
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import mmap
 from collections.abc import Callable
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from derta_jax.models.config import ModelConfig
@@ -50,6 +55,87 @@ class TensorSpec:
     shape: tuple[int, ...]
     outputs: tuple[tuple[ParamPath, Callable[[np.ndarray], np.ndarray]], ...]
     expert: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyTensor:
+    """One canonical tensor whose data is read from its checkpoint only when `read()` is called:
+    how `python -m derta_jax.convert` writes a model dir one tensor at a time."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    read: Callable[[], np.ndarray]
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+def lazy_tree(specs: dict[str, TensorSpec], shapes: dict[ParamPath, tuple[int, ...]], dtype: str,
+              read_source: Callable[[str], np.ndarray]) -> Params:
+    """The canonical tree of LazyTensors in `dtype` for the source tensors `specs`.
+
+    `read_source(name)` returns one source tensor's array; reading a leaf reads its source tensor
+    (every expert of a stacked expert tensor) and lays it out. A leaf costs itself and its source
+    at once, or itself and a slab when the source is mapped from its file (`copy_in_slabs`).
+    """
+    sources: dict[ParamPath, list[tuple[str, Callable[[np.ndarray], np.ndarray], int | None]]] = {}
+    for name, spec in specs.items():
+        for path, fn in spec.outputs:
+            sources.setdefault(path, []).append((name, fn, spec.expert))
+    out_dtype = np.dtype(jnp.dtype(dtype))
+    tree: Params = {}
+    for path, parts in sources.items():
+        read = functools.partial(_assemble, shapes[path], out_dtype, tuple(parts), read_source)
+        set_leaf(tree, path, LazyTensor(shapes[path], out_dtype, read))
+    return tree
+
+
+def _assemble(shape: tuple[int, ...], dtype: np.dtype, parts, read_source) -> np.ndarray:
+    if parts[0][2] is None:  # one source tensor
+        name, fn, _ = parts[0]
+        source = read_source(name)
+        if not isinstance(source, np.memmap):  # in memory already: one copy at most
+            return np.ascontiguousarray(fn(source), dtype=dtype)
+        out = np.empty(shape, dtype)
+        copy_in_slabs(out, fn(source), release_pages(source))
+        return out
+    out = np.empty(shape, dtype)
+    for name, fn, expert in parts:  # the experts of a stacked tensor
+        source = read_source(name)
+        copy_in_slabs(out[expert], fn(source), release_pages(source))
+        del source
+    return out
+
+
+def release_pages(source: np.ndarray) -> Callable[[], None]:
+    """For an array mapped from a file (`np.memmap`, read-only): a function that drops the pages
+    read so far from the process's memory; for any other array, one that does nothing."""
+    mapping = getattr(source, "_mmap", None)
+    if mapping is None:
+        return lambda: None
+    return lambda: mapping.madvise(mmap.MADV_DONTNEED)
+
+
+def copy_in_slabs(out: np.ndarray, view: np.ndarray, release: Callable[[], None],
+                  slab_bytes: int = 16 * 2**20) -> None:
+    """`out[...] = view` (casting), a slab at a time along the axis of `view` whose elements lie
+    farthest apart in its source, so each slab reads one band of the source; `release()` after
+    each slab. With a file-mapped source the copy holds `out` and one slab, never the source."""
+    if view.ndim == 0 or view.size == 0:
+        out[...] = view
+        return
+    axis = int(np.argmax(np.abs(view.strides)))
+    step = max(1, view.shape[axis] * slab_bytes // max(1, view.nbytes))
+    for start in range(0, view.shape[axis], step):
+        slab = (slice(None),) * axis + (slice(start, start + step),)
+        out[slab] = view[slab]
+        release()
+
+
+def read_tree(tree: Params) -> Params:
+    """The tree with every LazyTensor read into a numpy array."""
+    return jax.tree.map(lambda t: t.read(), tree)
 
 
 def canonical_shapes(cfg: ModelConfig) -> dict[ParamPath, tuple[int, ...]]:

@@ -1,10 +1,10 @@
 """Safetensors files, one tensor at a time: folder discovery, headers, streamed reads and writes.
 
-Reading opens every file with `safe_open(framework="numpy")` and yields one tensor at a time, so
-a loader holds its converted tree plus one tensor. Writing plans the shards from the shapes, writes
-each header first and then appends the tensors a block of rows at a time, so a shard is never
-held in memory either. Pickle weights (`*.bin`, `*.pt`, ...) are refused. Nothing here knows the
-model: names and shapes come from the caller (`names.py`).
+Reading checks the headers with `safe_open(framework="numpy")` and maps one tensor at a time
+from its file. Writing plans the shards from the shapes, writes each header first and then
+appends the tensors a block of rows at a time, so a shard is never held in memory either. Pickle
+weights (`*.bin`, `*.pt`, ...) are refused. Nothing here knows the model: names and shapes come
+from the caller (`names.py`).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import math
 import os
 import pathlib
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import BinaryIO, Protocol, TypeVar
 
 import jax.numpy as jnp
@@ -79,17 +79,29 @@ def read_shapes(files: Sequence[pathlib.Path]) -> Found:
     return found
 
 
-def iter_tensors(folder: pathlib.Path, found: Found, names: set[str]
-                 ) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (name, array) of the tensors in `names`, one at a time, file by file."""
-    by_file: dict[str, list[str]] = {}
-    for name, (file_name, _) in found.items():
-        if name in names:
-            by_file.setdefault(file_name, []).append(name)
-    for file_name, file_names in by_file.items():
-        with safe_open(folder / file_name, framework="numpy") as f:
-            for name in file_names:
-                yield name, f.get_tensor(name)
+# The safetensors dtypes a checkpoint may store (names.lazy_tree casts them to the output dtype).
+_NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16, "F64": np.float64}
+
+
+def read_tensor(folder: pathlib.Path, found: Found, name: str) -> np.ndarray:
+    """One tensor, mapped read-only from its file (`np.memmap`): nothing is read until touched,
+    and what is touched can be dropped again (`names.release_pages`)."""
+    path = folder / found[name][0]
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        entry = json.loads(f.read(n))[name]
+    dtype = _NUMPY_DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise ValueError(f"tensor {name!r} in {path} has dtype {entry['dtype']}; weights must be "
+                         f"one of {', '.join(_NUMPY_DTYPES)}")
+    shape, (start, end) = tuple(entry["shape"]), entry["data_offsets"]
+    fits = math.prod(shape) * np.dtype(dtype).itemsize == end - start
+    if not fits or 8 + n + end > path.stat().st_size:
+        raise ValueError(f"tensor {name!r} in {path}: its byte range {start}-{end} does not fit "
+                         f"its shape {list(shape)} or the file (truncated?)")
+    if not shape or math.prod(shape) == 0:  # np.memmap cannot map nothing
+        return np.fromfile(path, dtype, math.prod(shape), offset=8 + n + start).reshape(shape)
+    return np.memmap(path, dtype=dtype, mode="r", offset=8 + n + start, shape=shape)
 
 
 # ---- writing ---------------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """Model dir round trip (Orbax params, model_config.json, tokenizer), casting and sharding."""
+import dataclasses
+import weakref
+
 import jax
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 from transformers import AutoTokenizer
 
-from derta_jax.checkpoints.hf import load_hf
+from derta_jax.checkpoints.hf import lazy_hf, load_hf
 from derta_jax.checkpoints.model_dir import load_model_dir, load_tokenizer, save_model_dir
 
 
@@ -58,3 +61,31 @@ def test_refuses_to_overwrite_params(saved):
     out, cfg, params = saved
     with pytest.raises(ValueError, match="params already exists"):
         save_model_dir(out, cfg, params, None)
+
+
+def test_lazy_leaves_are_read_and_written_one_at_a_time(saved, hf_checkpoint, tmp_path):
+    """What convert relies on: a LazyTensor is read only when Orbax writes it, and no other
+    leaf's array is alive meanwhile. The stored result is what the eager tree stores."""
+    out, cfg, params = saved
+    folder, _ = hf_checkpoint("mixtral")  # stacked experts: one leaf from several tensors
+    lazy_cfg, lazy = lazy_hf(folder, progress=False)
+    live, most, reads = set(), [0], []
+
+    def tracked(leaf):
+        def read():
+            array = leaf.read()
+            reads.append(leaf.shape)
+            live.add(len(reads))
+            weakref.finalize(array, live.discard, len(reads))
+            most[0] = max(most[0], len(live))
+            return array
+        return dataclasses.replace(leaf, read=read)
+
+    lazy = jax.tree.map(tracked, lazy)
+    assert not reads  # building the tree reads nothing
+    save_model_dir(tmp_path / "lazy", lazy_cfg, lazy, None)
+    assert len(reads) == len(jax.tree.leaves(params)) and most[0] == 1
+    assert not live  # nothing is kept once written
+    _, restored = load_model_dir(tmp_path / "lazy")
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)

@@ -14,8 +14,8 @@ import pytest
 import torch
 import transformers
 
-from derta_jax.checkpoints.hf import TreeBuilder, load_hf
-from derta_jax.checkpoints.names import hf_tensor_specs
+from derta_jax.checkpoints.hf import load_hf
+from derta_jax.checkpoints.names import canonical_shapes, hf_tensor_specs, lazy_tree, read_tree
 from derta_jax.data import packing, pipeline
 from derta_jax.data.recipe import DertaRecord
 from derta_jax.data.refusal import refusal_token_id
@@ -111,11 +111,8 @@ def test_rto_targets_shifted_by_one_are_caught(setup):
 
 
 def to_canonical(named: dict[str, np.ndarray], cfg) -> dict:
-    builder = TreeBuilder(cfg, "float32")
-    specs = hf_tensor_specs(cfg)
-    for name, array in named.items():
-        builder.add(specs[name], array)
-    return builder.params
+    return read_tree(lazy_tree(hf_tensor_specs(cfg), canonical_shapes(cfg), "float32",
+                              named.__getitem__))
 
 
 def test_gradients_and_one_adamw_step_equal_the_official_step(setup):
