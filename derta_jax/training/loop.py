@@ -83,14 +83,19 @@ def model_and_tokenizer(run: config_lib.RunConfig) -> tuple[ModelConfig, Any]:
 
 def load_params(run: config_lib.RunConfig, cfg: ModelConfig, shardings: Any) -> Any:
     """The checkpoint's params placed on `shardings`, or None for a random init. A training
-    workdir's params are read one tensor at a time, LoRA adapters merged in."""
+    workdir's params are read one tensor at a time, LoRA adapters merged in, each placed on its
+    devices before the next is read: the host holds one tensor, never the model."""
     if run.source.init == "random":
         return None
     start = start_checkpoint(run)
-    if start is not None:  # host numpy arrays, each placed on its shards
-        params = traverse_util.unflatten_dict(
-            {p: start.merged_param(p).astype(cfg.param_dtype) for p in start.params})
-        return jax.device_put(layout.stack_layers(params) if cfg.scan_layers else params, shardings)
+    if start is not None:  # one tensor at a time onto its devices, then stacked there
+        onto = traverse_util.flatten_dict(
+            layer_shardings(shardings, cfg.num_layers) if cfg.scan_layers else shardings)
+        params = traverse_util.unflatten_dict({
+            p: jax.device_put(start.merged_param(p).astype(cfg.param_dtype), onto[p])
+            for p in start.params})
+        return jax.jit(layout.stack_layers, out_shardings=shardings)(params) \
+            if cfg.scan_layers else params
     if not cfg.scan_layers:
         return model_dir.load_model_dir(run.source.checkpoint, dtype=cfg.param_dtype,
                                         shardings=shardings)[1]
