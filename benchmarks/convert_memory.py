@@ -84,8 +84,8 @@ def largest_tensor_mb(folder: pathlib.Path) -> float:
     return largest / 2**20
 
 
-def convert_once(name: str, source: list[str], tokenizer: str, size_mb: float, largest_mb: float,
-                 out: pathlib.Path) -> None:
+def convert_once(name: str, source: list[str], tokenizer: tuple[str, ...], size_mb: float,
+                 largest_mb: float, out: pathlib.Path) -> None:
     """Converts in a child; prints its peak RSS above the imports + tokenizer baseline."""
     base, _ = child_peak_rss_mb([sys.executable, "-c", "import derta_jax.convert; from derta_jax."
                                  "checkpoints.model_dir import load_tokenizer; "
@@ -121,12 +121,13 @@ def main() -> None:
                       "--tokenizer", str(common.LLAMA3_TOKENIZER)],
                      (str(common.LLAMA3_TOKENIZER),), size, largest, tmp / "out")
         if args.smollm2:
+            from gguf import GGUFReader  # numpy only: this parent stays small
             gguf = common.smollm2_gguf()
-            dim, vocab = 576, 49152  # SmolLM2-135M: its largest tensor is the embedding
+            elements = max(int(t.n_elements) for t in GGUFReader(gguf).tensors)
             convert_once(f"SmolLM2-135M GGUF, output {args.dtype}",
                          ["--gguf", str(gguf), "--dtype", args.dtype],
                          (str(gguf.parent), gguf.name), gguf.stat().st_size / 2**20,
-                         dim * vocab * (4 if args.dtype == "float32" else 2) / 2**20,
+                         elements * (4 if args.dtype == "float32" else 2) / 2**20,
                          tmp / "smollm2")
 
 

@@ -190,7 +190,7 @@ def lazy_gguf(path: str | os.PathLike, dtype: str = "float32", progress: bool = 
             release_pages(reader.data)()
         return array  # still mapped (float32): lazy_tree copies it in slabs
 
-    read = counting(read, len(specs), f"dequantising {path.name}", progress)
+    read = counting(read, specs, f"dequantising {path.name}", progress)
     return cfg, lazy_tree(specs, canonical_shapes(cfg), dtype, read), tokenizer
 
 

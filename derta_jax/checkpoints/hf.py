@@ -51,9 +51,11 @@ def _short(names: list[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def counting(read: Callable[[str], np.ndarray], total: int, desc: str, progress: bool
-             ) -> Callable[[str], np.ndarray]:
-    """`read`, with a progress bar of `total` source tensors (closed after the last)."""
+def counting(read: Callable[[str], np.ndarray], specs: dict[str, TensorSpec], desc: str,
+             progress: bool) -> Callable[[str], np.ndarray]:
+    """`read`, with a progress bar over the source reads of a whole lazy tree of `specs` (a fused
+    tensor is read once per output), closed after the last."""
+    total = sum(len(spec.outputs) for spec in specs.values())
     bar = tqdm(total=total, desc=desc, unit="tensor", disable=not progress)
 
     def counted(name: str) -> np.ndarray:
@@ -84,14 +86,9 @@ def lazy_hf(folder: str | os.PathLike, dtype: str = "float32", progress: bool = 
     if cfg.tie_word_embeddings:
         ignored.add("lm_head.weight")  # some tied checkpoints store the copy anyway
     check_tensors(specs, found, cfg, str(folder), frozenset(ignored))
-    read = counting(lambda name: safetensors_io.read_tensor(folder, found, name),
-                    _reads(specs), f"converting {folder.name}", progress)
+    read = counting(lambda name: safetensors_io.read_tensor(folder, found, name), specs,
+                    f"converting {folder.name}", progress)
     return cfg, lazy_tree(specs, canonical_shapes(cfg), dtype, read)
-
-
-def _reads(specs: dict[str, TensorSpec]) -> int:
-    """How many source reads a whole lazy tree makes (a fused tensor is read once per output)."""
-    return sum(len(spec.outputs) for spec in specs.values())
 
 
 def load_hf(folder: str | os.PathLike, dtype: str = "float32",

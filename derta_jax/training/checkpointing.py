@@ -96,8 +96,8 @@ def _drop_late_read_reports() -> None:
 # What asyncio's "... exception was never retrieved" reports about a tensor read contain: Orbax's
 # read coroutines, asyncio's wrapper around a TensorStore future (it names the tensorstore_spec)
 # and TensorStore's own read error.
-_TENSOR_READS = ("coro=<async_deserialize()", "coro=<_read_array_index_and_device_put()",
-                 "tensorstore_spec=", "Error reading ")
+_TENSOR_READS = (*(f"coro=<{name}()" for name in _READ_COROUTINES), "tensorstore_spec=",
+                 "Error reading ")
 
 
 def _unretrieved_read(record: logging.LogRecord) -> bool:

@@ -48,3 +48,12 @@ def test_read_tensor_maps_what_safe_open_reads_and_refuses_other_dtypes(tmp_path
             np.testing.assert_array_equal(got, f.get_tensor(name))
     with pytest.raises(ValueError, match="'ids' .* has dtype I64; weights must be one of"):
         safetensors_io.read_tensor(tmp_path, found, "ids")
+
+
+def test_read_tensor_of_a_file_cut_after_its_header_was_read_names_it(tmp_path):
+    save_file({"w": np.ones((64, 64), np.float32)}, tmp_path / "m.safetensors")
+    found = safetensors_io.read_shapes([tmp_path / "m.safetensors"])
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "m.safetensors").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=r"tensor 'w' in .*m.safetensors: .* \(truncated\?\)"):
+        safetensors_io.read_tensor(tmp_path, found, "w")

@@ -66,7 +66,7 @@ def test_refuses_to_overwrite_params(saved):
 def test_lazy_leaves_are_read_and_written_one_at_a_time(saved, hf_checkpoint, tmp_path):
     """What convert relies on: a LazyTensor is read only when Orbax writes it, and no other
     leaf's array is alive meanwhile. The stored result is what the eager tree stores."""
-    out, cfg, params = saved
+    _, _, params = saved
     folder, _ = hf_checkpoint("mixtral")  # stacked experts: one leaf from several tensors
     lazy_cfg, lazy = lazy_hf(folder, progress=False)
     live, most, reads = set(), [0], []
