@@ -94,10 +94,13 @@ def _drop_late_read_reports() -> None:
 
 
 # What asyncio's "... exception was never retrieved" reports about a tensor read contain: Orbax's
-# read coroutines, asyncio's wrapper around a TensorStore future (it names the tensorstore_spec)
-# and TensorStore's own read error.
+# read coroutines, asyncio's wrapper around a TensorStore future (it names the tensorstore_spec),
+# TensorStore's own read error and Orbax's (raised from a failed shard read and then held by the
+# asyncio.gather of that tensor's shards, reported as a _GatheringFuture).
 _TENSOR_READS = (*(f"coro=<{name}()" for name in _READ_COROUTINES), "tensorstore_spec=",
-                 "Error reading ")
+                 "Error reading ", "Encountered error while reading array index")
+_UNRETRIEVED = tuple(f"{kind} exception was never retrieved"
+                     for kind in ("Task", "Future", "_GatheringFuture"))
 
 
 def _unretrieved_read(record: logging.LogRecord) -> bool:
@@ -105,8 +108,7 @@ def _unretrieved_read(record: logging.LogRecord) -> bool:
     read of a step whose restore already failed: the other reads of that step fail too, and
     asyncio reports each one whenever its task or future is collected, as late as exit."""
     message = record.getMessage()
-    return not (message.startswith(("Task exception was never retrieved",
-                                    "Future exception was never retrieved"))
+    return not (message.startswith(_UNRETRIEVED)
                 and any(read in message for read in _TENSOR_READS))
 
 

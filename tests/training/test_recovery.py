@@ -241,8 +241,9 @@ def test_unretrieved_failed_reads_of_orbax_are_dropped_and_other_task_errors_kep
     exception was never retrieved" for each of Orbax's failed `async_deserialize` reads, and (in
     CI, after a deleted tensor file) for asyncio's task around a failed TensorStore future, and
     (after a deleted tensor file of a 40-step run) for Orbax's shard reads and bare futures
-    holding TensorStore's read error. Those are dropped once a manager exists; the same report
-    about any other coroutine or future is kept."""
+    holding TensorStore's read error, and (a zeroed tensor file, 2 of 25 runs) for the
+    asyncio.gather of a tensor's shard reads holding Orbax's read error. Those are dropped once
+    a manager exists; the same report about any other coroutine or future is kept."""
     import asyncio
 
     def collect_unretrieved(awaitable):
@@ -261,8 +262,18 @@ def test_unretrieved_failed_reads_of_orbax_are_dropped_and_other_task_errors_kep
             asyncio.get_running_loop().create_future().set_exception(ValueError(error))
         return make
 
+    def gathered(awaitable):  # asyncio.gather of one read, its result never retrieved
+        async def make():
+            asyncio.gather(awaitable())
+        return make
+
+    async def orbax_shard_read_error():  # what Orbax raises from a failed shard read
+        raise Exception("Encountered error while reading array index: (slice(0, 16, 1), "
+                        "slice(32, 64, 1)). See full TensorStore details: ...")
+
     ckpt.make_manager(tmp_path, keep=1, async_save=False)
     with caplog.at_level(logging.ERROR, "asyncio"):
+        collect_unretrieved(gathered(orbax_shard_read_error))
         collect_unretrieved(async_deserialize)
         collect_unretrieved(failed_tensorstore_read)
         collect_unretrieved(_read_array_index_and_device_put)
@@ -271,6 +282,8 @@ def test_unretrieved_failed_reads_of_orbax_are_dropped_and_other_task_errors_kep
         assert not caplog.records, caplog.text
         collect_unretrieved(other_work)
         collect_unretrieved(failed_future("an error someone must see"))
+        collect_unretrieved(gathered(other_work))
     reports = [r.getMessage() for r in caplog.records]
-    assert len(reports) == 2 and reports[0].startswith("Task exception was never retrieved")
+    assert len(reports) == 3 and reports[0].startswith("Task exception was never retrieved")
     assert reports[1].startswith("Future exception was never retrieved")
+    assert reports[2].startswith("_GatheringFuture exception was never retrieved")
