@@ -19,9 +19,11 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import pathlib
 from typing import Any
 
+import jax
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
@@ -31,7 +33,7 @@ from etils import epath
 from derta_jax.checkpoints.names import ParamPath, canonical_shapes, check_params, set_leaf
 from derta_jax.checkpoints.model_dir import CONFIG_FILE, PARAMS_DIR, load_config
 from derta_jax.models.config import ModelConfig
-from derta_jax.models.lora import merge_lora
+from derta_jax.models.lora import scale as lora_scale
 
 WORKDIR_MODEL = "model"
 WORKDIR_CHECKPOINTS = "checkpoints"
@@ -87,14 +89,31 @@ class Checkpoint:
             raise ValueError(f"no LoRA adapter for {'/'.join(kernel[:-1])} in {self.item_dir}")
         return self._read(self.lora[a], index), self._read(self.lora[b], index)
 
-    def merged_param(self, path: ParamPath) -> np.ndarray:
-        """The canonical tensor at `path` with its LoRA adapter (if it has one) merged in."""
-        kernel = self.read_param(path)
+    def merged(self, path: ParamPath, index: tuple[slice, ...] = ()) -> np.ndarray:
+        """The canonical tensor at `path` with its LoRA adapter (if it has one) merged in,
+        W + (alpha / r) * (A @ B).reshape(W.shape), or only its slice at `index` (slices over
+        its leading dims, as jax names a shard): only that part of W is read."""
+        kernel = self.read_param(path, index)
         if path[:-1] + ("lora_a",) not in self.lora:
             return kernel
-        a, b = self.read_lora(path)
-        merged = merge_lora({"kernel": kernel}, {"lora_a": a, "lora_b": b}, self.cfg)
-        return np.asarray(merged["kernel"])
+        a, b = self.read_lora(path)  # small: rank x (fan_in + fan_out)
+        shape = self.params[path].shape
+        return merge_slice(kernel, a, b, lora_scale(self.cfg), shape, index)
+
+    def on_devices(self, path: ParamPath, sharding: jax.sharding.Sharding,
+                   dtype: Any = None) -> jax.Array:
+        """The merged tensor at `path` (cast to `dtype` when given) as a jax.Array on `sharding`:
+        this process reads only the slices its own devices hold, each distinct slice once."""
+        slices: dict[tuple, np.ndarray] = {}
+
+        def shard(index: tuple[slice, ...]) -> np.ndarray:
+            key = tuple((s.start, s.stop, s.step) for s in index)
+            if key not in slices:
+                tensor = self.merged(path, tuple(index))
+                slices[key] = tensor if dtype is None else tensor.astype(dtype)
+            return slices[key]
+
+        return jax.make_array_from_callback(self.params[path].shape, sharding, shard)
 
     def lora_kernels(self) -> list[ParamPath]:
         """Canonical kernel paths that carry a LoRA adapter."""
@@ -119,6 +138,26 @@ class Checkpoint:
             raise ValueError(f"{self.item_dir} holds non-finite values in {'/'.join(stored.leaf)} "
                              "(a diverged run?): refusing it; pick an earlier step")
         return array
+
+
+def merge_slice(kernel: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float,
+                shape: tuple[int, ...], index: tuple[slice, ...] = ()) -> np.ndarray:
+    """`kernel` (the slice at `index` of a kernel of `shape`) plus its part of scale * A @ B, in
+    float32 as `models/lora.merge_lora`: A [*lead, prod(in), r] and B [*lead, r, prod(out)]
+    (lead: Mixtral's expert axis) are cut to the slice's rows and columns before the product."""
+    lead = a.ndim - 2
+    rank = a.shape[-1]
+    n_in = next((k for k in range(1, len(shape) - lead)
+                 if math.prod(shape[lead:lead + k]) == a.shape[-2]), None)
+    if n_in is None or math.prod(shape[lead + n_in:]) != b.shape[-1]:
+        raise ValueError(f"LoRA adapters {a.shape} x {b.shape} do not fit a kernel of {shape}")
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    a = a.reshape(shape[:lead + n_in] + (rank,))[index[:lead + n_in]]
+    b = b.reshape(shape[:lead] + (rank,) + shape[lead + n_in:])[
+        index[:lead] + (slice(None),) + index[lead + n_in:]]
+    delta = np.matmul(a.reshape(a.shape[:lead] + (-1, rank)).astype(np.float32),
+                      b.reshape(b.shape[:lead] + (rank, -1)).astype(np.float32))
+    return (kernel.astype(np.float32) + scale * delta.reshape(kernel.shape)).astype(kernel.dtype)
 
 
 @functools.lru_cache(maxsize=64)

@@ -4,8 +4,9 @@
     model = load_eval_model(ckpt, dtype=None, mesh=None)   # -> EvalModel, params on the mesh
 
 Tensors are read one at a time (`checkpoints/resolve.py`), LoRA adapters are merged into their
-kernels on the way (`Checkpoint.merged_param`), and each tensor goes straight to its place on the
-mesh (logical-axis rules), so host memory holds about one tensor, never the whole model.
+kernels on the way, and each process reads only the slices of each tensor that its own devices
+hold on the mesh (`Checkpoint.on_devices`, logical-axis rules), so a host holds at most its
+share of the model, never the whole of it.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import dataclasses
 import pathlib
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import traverse_util
 from jax.sharding import Mesh
@@ -74,11 +74,8 @@ def load_eval_model(ckpt: Checkpoint | str | pathlib.Path, dtype: str | None = N
     mesh = parse_mesh(None) if mesh is None else mesh
     shardings = traverse_util.flatten_dict(param_shardings(cfg, mesh)["params"])
     flat: dict[tuple[str, ...], Any] = {}
-    for path in ckpt.params:
-        tensor = ckpt.merged_param(path)
-        if dtype is not None:
-            tensor = tensor.astype(jnp.dtype(dtype))
-        flat[path] = jax.device_put(tensor, shardings[path])
+    for path in ckpt.params:  # each process reads only its devices' slices
+        flat[path] = ckpt.on_devices(path, shardings[path], dtype and jnp.dtype(dtype))
     params = traverse_util.unflatten_dict(flat)
     return EvalModel(model_name(ckpt), cfg, params, load_tokenizer(ckpt.tokenizer_dir))
 

@@ -37,6 +37,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
@@ -83,8 +84,8 @@ def model_and_tokenizer(run: config_lib.RunConfig) -> tuple[ModelConfig, Any]:
 
 def load_params(run: config_lib.RunConfig, cfg: ModelConfig, shardings: Any) -> Any:
     """The checkpoint's params placed on `shardings`, or None for a random init. A training
-    workdir's params are read one tensor at a time, LoRA adapters merged in, each placed on its
-    devices before the next is read: the host holds one tensor, never the model."""
+    workdir's params are read one tensor at a time, LoRA adapters merged in, each process reading
+    only the slices its own devices hold: no host holds more than its share of the model."""
     if run.source.init == "random":
         return None
     start = start_checkpoint(run)
@@ -92,8 +93,7 @@ def load_params(run: config_lib.RunConfig, cfg: ModelConfig, shardings: Any) -> 
         onto = traverse_util.flatten_dict(
             layer_shardings(shardings, cfg.num_layers) if cfg.scan_layers else shardings)
         params = traverse_util.unflatten_dict({
-            p: jax.device_put(start.merged_param(p).astype(cfg.param_dtype), onto[p])
-            for p in start.params})
+            p: start.on_devices(p, onto[p], jnp.dtype(cfg.param_dtype)) for p in start.params})
         return jax.jit(layout.stack_layers, out_shardings=shardings)(params) \
             if cfg.scan_layers else params
     if not cfg.scan_layers:

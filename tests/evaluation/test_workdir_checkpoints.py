@@ -17,7 +17,7 @@ from derta_jax import generate as generate_cli
 from derta_jax.checkpoints.model_dir import load_config, load_tokenizer, save_model_dir
 from derta_jax.checkpoints.resolve import resolve_checkpoint
 from derta_jax.evaluation.generation import generate
-from derta_jax.evaluation.loading import load_eval_model
+from derta_jax.evaluation.loading import load_eval_model, parse_mesh
 from derta_jax.evaluation.tasks import encode_prompt, stop_ids
 from derta_jax.models.layout import unstack_layers
 from derta_jax.training import loop
@@ -125,3 +125,35 @@ def test_generate_on_workdir_equals_unmerged_adapters(workdir, tmp_path):
     assert [r["response"] for r in got] == [
         tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in applied]
     assert [r["num_tokens"] for r in got] == [len(g.token_ids) for g in applied]
+
+
+def test_each_tensor_is_read_only_as_the_slices_the_devices_hold(workdir, monkeypatch):
+    """On a mesh that shards the kernels (fsdp 4 x tensor 2), every read is one device's slice,
+    each distinct slice is read once (replicas share it), a sharded tensor is never read whole,
+    and the merged slices equal the literal merge: a process reads only its devices' share."""
+    _, _, _, merged = restored(workdir, 2)
+    ckpt = resolve_checkpoint(workdir)
+    reads = []
+    real = type(ckpt).read_param
+
+    def spy(self, path, index=()):
+        reads.append((path, tuple((s.start, s.stop) for s in index)))
+        return real(self, path, index)
+
+    monkeypatch.setattr(type(ckpt), "read_param", spy)
+    model = load_eval_model(ckpt, mesh=parse_mesh("1,4,2"))
+    monkeypatch.undo()
+    assert len(reads) == len(set(reads))
+    got, want = (traverse_util.flatten_dict(t) for t in (model.params, merged))
+    sharded = [p for p, x in got.items() if not x.sharding.is_fully_replicated]
+    assert ("layers_0", "attn", "q_proj", "kernel") in sharded and len(sharded) > len(got) // 2
+    for path, x in got.items():
+        indices = {tuple((s.start, s.stop) for s in i)
+                   for i in x.sharding.addressable_devices_indices_map(x.shape).values()}
+        read = {i for p, i in reads if p == path}
+        if x.sharding.is_fully_replicated:
+            assert len(read) == 1, path
+        else:  # exactly the distinct shards, none of them the whole tensor
+            assert read == indices and all(any(s != (None, None) for s in i) for i in read), path
+        np.testing.assert_allclose(np.asarray(x), want[path], rtol=1e-6, atol=1e-6,
+                                   err_msg=str(path))

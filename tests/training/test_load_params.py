@@ -1,6 +1,6 @@
 """training/loop.py load_params: a scanned run reads each layer of a model dir straight onto its
 devices (every process only its shards; issue 14) and stacks them there; a start from a training
-workdir places each tensor on its devices before reading the next."""
+workdir reads each tensor as the slices its devices hold, one tensor after the other."""
 import jax
 import numpy as np
 from flax import traverse_util
@@ -54,10 +54,10 @@ def test_a_scanned_run_reads_each_layer_onto_its_devices_and_stacks_it_there(tmp
                  loaded, setup.shardings["params"])
 
 
-def test_a_workdir_start_places_each_tensor_before_reading_the_next(base_run, monkeypatch):
-    """Starting from a training workdir (the DPO baseline's vanilla run): each tensor is read,
-    LoRA merged, and put on its devices before the next is read, so the host never holds the
-    model; a scanned run stacks the layers on device."""
+def test_a_workdir_start_reads_each_tensor_as_its_devices_slices(base_run, monkeypatch):
+    """Starting from a training workdir (the DPO baseline's vanilla run): one tensor at a time,
+    each read only as the distinct slices its devices hold (a process reads its share, never a
+    whole sharded tensor); a scanned run stacks the layers on device."""
     config = tiny_config(1, mesh__data=1, mesh__fsdp=4, mesh__tensor=2, model__scan_layers=True,
                          model__init="checkpoint", model__checkpoint=str(base_run))
     run = config_lib.parse(config)
@@ -65,24 +65,29 @@ def test_a_workdir_start_places_each_tensor_before_reading_the_next(base_run, mo
     cfg = run.model_config(start.cfg)
     mesh = shd.make_mesh(run.mesh)
     setup = step_lib.build(step_lib.StepConfig(cfg, run.loss, run.optimizer), mesh, 10)
-    events = []
-    real_read, real_put = resolve.Checkpoint.merged_param, jax.device_put
+    reads = []
+    real_read = resolve.Checkpoint.read_param
 
-    def read(self, path):
-        events.append("read")
-        return real_read(self, path)
+    def read(self, path, index=()):
+        reads.append((path, tuple((s.start, s.stop) for s in index)))
+        return real_read(self, path, index)
 
-    def put(x, sharding=None, **kw):
-        events.append("put" if isinstance(x, np.ndarray) else "put a tree")
-        return real_put(x, sharding, **kw)
-
-    monkeypatch.setattr(resolve.Checkpoint, "merged_param", read)
-    monkeypatch.setattr(jax, "device_put", put)
+    monkeypatch.setattr(resolve.Checkpoint, "read_param", read)
     with mesh:
         loaded = loop.load_params(run, cfg, setup.shardings["params"])
     monkeypatch.undo()
-    assert events == ["read", "put"] * len(start.params)
-    expected = traverse_util.unflatten_dict({p: start.merged_param(p) for p in start.params})
+    order = [p for i, (p, _) in enumerate(reads) if i == 0 or reads[i - 1][0] != p]
+    assert sorted(order) == sorted(start.params)  # each tensor's reads together, every tensor once
+    assert len(reads) == len(set(reads))  # a slice two devices share is read once
+    onto = traverse_util.flatten_dict(loop.layer_shardings(setup.shardings["params"],
+                                                           cfg.num_layers))
+    for path, stored in start.params.items():
+        slices = {tuple((s.start, s.stop) for s in i)
+                  for i in onto[path].addressable_devices_indices_map(stored.shape).values()}
+        assert {i for p, i in reads if p == path} == slices, path
+    assert any(len(slices) == 8 for slices in
+               ({i for p, i in reads if p == path} for path in start.params))
+    expected = start.params_tree()  # read whole
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded),
                  layout.stack_layers(expected))
     jax.tree.map(lambda x, s: np.testing.assert_equal(x.sharding.is_equivalent_to(s, x.ndim), True),
