@@ -1,0 +1,160 @@
+"""Peak host memory per process when 4 processes x 2 devices load a wide model with fsdp 8.
+
+    python -m benchmarks.host_memory [--hidden 2048 --intermediate 5632 --layers 4]
+        [--processes 4 --devices 2]
+
+Writes a random LLaMA-3-vocabulary model dir (2.9 GB in float32 with the defaults, one tensor at
+a time), then for each loader starts `--processes` processes on 127.0.0.1 (`jax.distributed`,
+`--devices` CPU devices each, mesh 1 x 8 x 1) that load it the way the product does:
+
+    train   training/loop.py load_params for a scan_layers run (Orbax restore of each layer onto
+            its shards, stacked on device), the step's own parameter shardings
+    eval    evaluation/loading.py load_eval_model (eval, generate: Checkpoint.on_devices)
+
+Each process reports its peak RSS (VmHWM) above its RSS after the imports and the distributed
+start-up (the baseline), against the bytes of the shards its own devices hold. A loader that
+gathered the model on a host would show about `processes` times that share.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TOKENIZER = ROOT.parent / "shared" / "fixtures" / "llama3-tokenizer"
+
+
+def rss_kib(field: str) -> int:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def architecture(args: argparse.Namespace) -> dict:
+    return {"hidden_size": args.hidden, "intermediate_size": args.intermediate,
+            "num_layers": args.layers, "num_heads": args.hidden // 128,
+            "num_kv_heads": max(1, args.hidden // 512), "head_dim": 128}
+
+
+def make_model(args: argparse.Namespace, out: pathlib.Path) -> None:
+    """A random model dir, written one tensor at a time (names.LazyTensor)."""
+    import numpy as np
+    from derta_jax.checkpoints import model_dir, names
+    from derta_jax.models.config import preset
+
+    cfg = preset("llama3-8b").replace(**architecture(args))
+    rng = np.random.default_rng(0)
+    params: dict = {}
+    for path, shape in names.canonical_shapes(cfg).items():
+        leaf = names.LazyTensor(shape, np.dtype(np.float32), lambda shape=shape: (
+            0.02 * rng.standard_normal(shape, dtype=np.float32)))
+        names.set_leaf(params, path, leaf)
+    model_dir.save_model_dir(out, cfg, params, model_dir.load_tokenizer(TOKENIZER))
+
+
+def worker(args: argparse.Namespace) -> None:
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(args.coordinator, num_processes=args.processes,
+                               process_id=args.process_id)
+    from derta_jax.checkpoints import model_dir
+    from derta_jax.evaluation import loading
+    from derta_jax.training import config as config_lib
+    from derta_jax.training import loop
+    from derta_jax.training import step as step_lib
+    from derta_jax.training import sharding as shd
+    from configs import tiny
+
+    config = tiny.get_config()
+    config.model.init, config.model.checkpoint = "checkpoint", args.model
+    config.model.scan_layers = True
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+    run = config_lib.parse(config)
+    cfg = run.model_config(model_dir.load_config(args.model))
+    mesh = shd.make_mesh(run.mesh)
+    baseline = rss_kib("VmRSS")
+    if args.worker == "train":
+        setup = step_lib.build(step_lib.StepConfig(cfg, run.loss, run.optimizer), mesh, 10)
+        params = loop.load_params(run, cfg, setup.shardings["params"])
+    else:
+        params = loading.load_eval_model(args.model, mesh=mesh).params
+    jax.block_until_ready(params)
+    share = sum(s.data.nbytes for x in jax.tree.leaves(params) for s in x.addressable_shards)
+    total = sum(x.nbytes for x in jax.tree.leaves(params))
+    peak = rss_kib("VmHWM")
+    print(json.dumps({"process": args.process_id, "loader": args.worker,
+                      "baseline_mb": baseline / 1024, "peak_above_baseline_mb":
+                      (peak - baseline) / 1024, "share_mb": share / 2**20,
+                      "model_mb": total / 2**20}), flush=True)
+    jax.distributed.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: argparse.Namespace, loader: str, model: pathlib.Path) -> list[dict]:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}")
+    port = free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.host_memory", "--worker", loader, "--model",
+         str(model), "--coordinator", f"127.0.0.1:{port}", "--processes", str(args.processes),
+         "--process-id", str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for i in range(args.processes)]
+    rows = []
+    for p in procs:
+        out, err = p.communicate(timeout=1800)
+        if p.returncode != 0:
+            raise RuntimeError(f"{loader} process failed:\n{err[-3000:]}")
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=5632)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--processes", type=int, default=4)
+    p.add_argument("--devices", type=int, default=2, help="CPU devices per process")
+    p.add_argument("--worker", choices=("train", "eval"), help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--coordinator", help=argparse.SUPPRESS)
+    p.add_argument("--process-id", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = pathlib.Path(tmp) / "model"
+        # In a child: this parent stays small, as its RSS would carry into the workers'.
+        subprocess.run([sys.executable, "-c", "import sys, argparse, pathlib; "
+                        "from benchmarks.host_memory import make_model; "
+                        f"make_model(argparse.Namespace(hidden={args.hidden}, "
+                        f"intermediate={args.intermediate}, layers={args.layers}), "
+                        f"pathlib.Path({str(model)!r}))"],
+                       cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu"),
+                       check=True)
+        on_disk = sum(f.stat().st_size for f in model.rglob("*") if f.is_file()) / 2**20
+        print(f"model dir: {on_disk:.0f} MB on disk; {args.processes} processes x "
+              f"{args.devices} devices, mesh 1 x {args.processes * args.devices} x 1")
+        for loader in ("train", "eval"):
+            for row in launch(args, loader, model):
+                ratio = row["peak_above_baseline_mb"] / row["share_mb"]
+                print(f"{loader:5s} process {row['process']}: peak above baseline "
+                      f"{row['peak_above_baseline_mb']:.0f} MB, its shards "
+                      f"{row['share_mb']:.0f} MB of {row['model_mb']:.0f} MB: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
