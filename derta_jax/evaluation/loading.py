@@ -5,8 +5,8 @@
 
 Tensors are read one at a time (`checkpoints/resolve.py`), LoRA adapters are merged into their
 kernels on the way, and each process reads only the slices of each tensor that its own devices
-hold on the mesh (`Checkpoint.on_devices`, logical-axis rules), so a host holds at most its
-share of the model, never the whole of it.
+hold on the mesh (`Checkpoint.on_devices`, logical-axis rules): a host reads its share of the
+model, never the whole of it (its peak memory: benchmarks/README.md, "Host memory per process").
 """
 from __future__ import annotations
 

@@ -85,7 +85,7 @@ def model_and_tokenizer(run: config_lib.RunConfig) -> tuple[ModelConfig, Any]:
 def load_params(run: config_lib.RunConfig, cfg: ModelConfig, shardings: Any) -> Any:
     """The checkpoint's params placed on `shardings`, or None for a random init. A training
     workdir's params are read one tensor at a time, LoRA adapters merged in, each process reading
-    only the slices its own devices hold: no host holds more than its share of the model."""
+    only the slices its own devices hold: no host reads more than its share of the model."""
     if run.source.init == "random":
         return None
     start = start_checkpoint(run)
