@@ -132,17 +132,18 @@ def main() -> None:
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--coordinator", help=argparse.SUPPRESS)
     p.add_argument("--process-id", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--make", type=pathlib.Path, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.make:
+        return make_model(args, args.make)
     if args.worker:
         return worker(args)
     with tempfile.TemporaryDirectory() as tmp:
         model = pathlib.Path(tmp) / "model"
         # In a child: this parent stays small, as its RSS would carry into the workers'.
-        subprocess.run([sys.executable, "-c", "import sys, argparse, pathlib; "
-                        "from benchmarks.host_memory import make_model; "
-                        f"make_model(argparse.Namespace(hidden={args.hidden}, "
-                        f"intermediate={args.intermediate}, layers={args.layers}), "
-                        f"pathlib.Path({str(model)!r}))"],
+        subprocess.run([sys.executable, "-m", "benchmarks.host_memory", "--make", str(model),
+                        "--hidden", str(args.hidden), "--intermediate", str(args.intermediate),
+                        "--layers", str(args.layers)],
                        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu"),
                        check=True)
         on_disk = sum(f.stat().st_size for f in model.rglob("*") if f.is_file()) / 2**20
