@@ -3,17 +3,22 @@
     python -m benchmarks.host_memory [--hidden 2048 --intermediate 5632 --layers 4]
         [--processes 4 --devices 2]
 
-Writes a random LLaMA-3-vocabulary model dir (2.9 GB in float32 with the defaults, one tensor at
+Writes a random LLaMA-3-vocabulary model dir (2.7 GB in float32 with the defaults, one tensor at
 a time), then for each loader starts `--processes` processes on 127.0.0.1 (`jax.distributed`,
 `--devices` CPU devices each, mesh 1 x 8 x 1) that load it the way the product does:
 
-    train   training/loop.py load_params for a scan_layers run (Orbax restore of each layer onto
-            its shards, stacked on device), the step's own parameter shardings
-    eval    evaluation/loading.py load_eval_model (eval, generate: Checkpoint.on_devices)
+    train   training/loop.py load_params for a scan_layers run (each stacked tensor's shards
+            filled layer by layer, `Checkpoint.stacked_on_devices`), then the optimizer state
+            (`setup.init`), as a training start does
+    eval    evaluation/loading.py load_eval_model (eval, generate: `Checkpoint.on_devices`),
+            weights then tokenizer
 
 Each process reports its peak RSS (VmHWM) above its RSS after the imports and the distributed
-start-up (the baseline), against the bytes of the shards its own devices hold. A loader that
-gathered the model on a host would show about `processes` times that share.
+start-up (the baseline): once the weights are placed, against the bytes of the weights' shards
+its own devices hold, and at the end, against all it then holds (train: weights and optimizer
+state; eval: the weights, the tokenizer's memory counted as overhead). On CPU devices the shards
+themselves are host memory. A loader that gathered the model on a host would show about
+`processes` times its share.
 """
 from __future__ import annotations
 
@@ -72,6 +77,10 @@ def worker(args: argparse.Namespace) -> None:
     from derta_jax.training import sharding as shd
     from configs import tiny
 
+    def mb(tree) -> float:  # of the shards this process's devices hold
+        return sum(s.data.nbytes for x in jax.tree.leaves(tree)
+                   for s in x.addressable_shards) / 2**20
+
     config = tiny.get_config()
     config.model.init, config.model.checkpoint = "checkpoint", args.model
     config.model.scan_layers = True
@@ -82,17 +91,26 @@ def worker(args: argparse.Namespace) -> None:
     baseline = rss_kib("VmRSS")
     if args.worker == "train":
         setup = step_lib.build(step_lib.StepConfig(cfg, run.loss, run.optimizer), mesh, 10)
-        params = loop.load_params(run, cfg, setup.shardings["params"])
+        params = jax.block_until_ready(loop.load_params(run, cfg, setup.shardings["params"]))
+        weights_peak, weights = rss_kib("VmHWM"), mb(params)
+        model = sum(x.nbytes for x in jax.tree.leaves(params)) / 2**20
+        loaded = setup.init(jax.random.PRNGKey(0), params)  # + the optimizer state, as a start
     else:
-        params = loading.load_eval_model(args.model, mesh=mesh).params
-    jax.block_until_ready(params)
-    share = sum(s.data.nbytes for x in jax.tree.leaves(params) for s in x.addressable_shards)
-    total = sum(x.nbytes for x in jax.tree.leaves(params))
-    peak = rss_kib("VmHWM")
-    print(json.dumps({"process": args.process_id, "loader": args.worker,
-                      "baseline_mb": baseline / 1024, "peak_above_baseline_mb":
-                      (peak - baseline) / 1024, "share_mb": share / 2**20,
-                      "model_mb": total / 2**20}), flush=True)
+        real_tokenizer, peaks = loading.load_tokenizer, []
+
+        def tokenizer_after_the_weights(path):
+            peaks.append(rss_kib("VmHWM"))
+            return real_tokenizer(path)
+
+        loading.load_tokenizer = tokenizer_after_the_weights
+        loaded = loading.load_eval_model(args.model, mesh=mesh).params
+        (weights_peak,), weights = peaks, mb(loaded)
+        model = sum(x.nbytes for x in jax.tree.leaves(loaded)) / 2**20
+    jax.block_until_ready(loaded)
+    print(json.dumps({"process": args.process_id, "loader": args.worker, "model_mb": model,
+                      "weights_mb": weights, "weights_peak_mb": (weights_peak - baseline) / 1024,
+                      "share_mb": mb(loaded), "peak_mb": (rss_kib("VmHWM") - baseline) / 1024}),
+          flush=True)
     jax.distributed.shutdown()
 
 
@@ -151,11 +169,12 @@ def main() -> None:
               f"{args.devices} devices, mesh 1 x {args.processes * args.devices} x 1")
         for loader in ("train", "eval"):
             for row in launch(args, loader, model):
-                ratio = row["peak_above_baseline_mb"] / row["share_mb"]
-                print(f"{loader:5s} process {row['process']}: peak above baseline "
-                      f"{row['peak_above_baseline_mb']:.0f} MB, its shards "
-                      f"{row['share_mb']:.0f} MB of {row['model_mb']:.0f} MB: {ratio:.2f}x")
-
+                print(f"{loader:5s} process {row['process']}: its weights {row['weights_mb']:.0f} "
+                      f"MB of {row['model_mb']:.0f} MB, peak {row['weights_peak_mb']:.0f} MB "
+                      f"({row['weights_peak_mb'] / row['weights_mb']:.2f}x); then "
+                      + (f"the optimizer state: its shards {row['share_mb']:.0f} MB in all"
+                         if loader == "train" else "the tokenizer")
+                      + f", peak {row['peak_mb']:.0f} MB ({row['peak_mb'] / row['share_mb']:.2f}x)")
 
 if __name__ == "__main__":
     main()

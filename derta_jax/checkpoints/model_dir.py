@@ -1,7 +1,8 @@
 """The model dir: what `python -m derta_jax.convert` writes and every entry point reads.
 
     <model dir>/model_config.json   ModelConfig.to_json()
-    <model dir>/params/             Orbax (StandardCheckpointer) checkpoint of the canonical tree
+    <model dir>/params/             Orbax checkpoint of the canonical tree (chunks of CHUNK_BYTES),
+                                    read by checkpoints/resolve.py
     <model dir>/tokenizer.json, ... the tokenizer (transformers `save_pretrained` files)
 
 A model dir without `params/` (config and tokenizer only) is what a training workdir keeps.
@@ -15,17 +16,20 @@ import weakref
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from derta_jax.checkpoints.names import LazyTensor, check_params
+from derta_jax.checkpoints.names import LazyTensor
 from derta_jax.models.config import ModelConfig
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+# Tensors are stored in chunks of at most this many bytes: reading a slice (a process's shards)
+# decodes only the chunks it touches, not the whole tensor (benchmarks/README.md, "Host memory
+# per process").
+CHUNK_BYTES = 16 << 20
 
 
 def save_model_dir(out: str | os.PathLike, cfg: ModelConfig, params: Any | None,
@@ -33,8 +37,9 @@ def save_model_dir(out: str | os.PathLike, cfg: ModelConfig, params: Any | None,
     """Writes `out/model_config.json`, `out/params/` (unless params is None) and the tokenizer.
 
     `params` is the canonical tree: numpy arrays, jax arrays, or `LazyTensor`s, which are read
-    and written one at a time (`convert` holds one tensor at a time). Saving adds almost no host
-    memory to the tree itself (see `_params_checkpointer`). Refuses to overwrite existing params.
+    and written one at a time (`convert` holds one tensor at a time), each in chunks of at most
+    CHUNK_BYTES. Saving adds almost no host memory to the tree itself (see
+    `_params_checkpointer`). Refuses to overwrite existing params.
     """
     out = pathlib.Path(out).absolute()
     if (out / PARAMS_DIR).exists():
@@ -44,7 +49,10 @@ def save_model_dir(out: str | os.PathLike, cfg: ModelConfig, params: Any | None,
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     if params is not None:
-        _params_checkpointer().save(out / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
+        chunked = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), params,
+                               is_leaf=lambda x: isinstance(x, LazyTensor))
+        _params_checkpointer().save(out / PARAMS_DIR,
+                                    args=ocp.args.PyTreeSave(params, save_args=chunked))
     return out
 
 
@@ -80,8 +88,8 @@ def _params_checkpointer() -> ocp.Checkpointer:
     compressed chunks: each of these costs about one extra copy of the tree. Numpy leaves and
     `LazyTensor`s are written in place, one at a time, uncompressed and without OCDBT (measured:
     benchmarks/README.md, "Conversion and export memory"); they are stored as Orbax's numpy
-    arrays. Leaves that are already jax arrays use Orbax's array handler. `load_model_dir`
-    restores either kind into jax arrays.
+    arrays. Leaves that are already jax arrays use Orbax's array handler. `resolve.py` reads
+    either kind.
     """
     numpy_handler = _OneAtATimeHandler()
     registry = ocp.type_handlers.create_type_handler_registry(
@@ -102,38 +110,6 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     """The ModelConfig of a model dir."""
     path = pathlib.Path(path)
     return ModelConfig.from_json(_require(path, CONFIG_FILE, "the model config").read_text())
-
-
-def load_model_dir(path: str | os.PathLike, dtype: str | None = None,
-                   shardings: Any = None) -> tuple[ModelConfig, Any]:
-    """Restores (cfg, params) from a model dir as jax arrays; params that differ from the
-    config are refused, naming the first differing tensor.
-
-    dtype: cast every parameter on restore (float32 | bfloat16); None keeps the stored dtypes.
-      The returned cfg then has `param_dtype=dtype`.
-    shardings: one `jax.sharding.Sharding` for all leaves, a pytree of them matching the canonical
-      tree, or None for the first local device.
-    """
-    path = pathlib.Path(path).absolute()
-    cfg = load_config(path)
-    params_dir = _require(path, PARAMS_DIR, "the Orbax parameter checkpoint")
-    checkpointer = ocp.StandardCheckpointer()
-    stored = checkpointer.metadata(params_dir).item_metadata.tree
-    leaves, _ = jax.tree_util.tree_flatten_with_path(stored)
-    check_params({tuple(str(k.key) for k in keys): tuple(meta.shape) for keys, meta in leaves},
-                 cfg, str(params_dir))
-    if shardings is None:
-        shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    if isinstance(shardings, jax.sharding.Sharding):
-        shardings = jax.tree.map(lambda _: shardings, stored)
-    target = jax.tree.map(
-        lambda meta, sharding: jax.ShapeDtypeStruct(
-            meta.shape, jnp.dtype(dtype) if dtype else meta.dtype, sharding=sharding),
-        stored, shardings)
-    params = checkpointer.restore(params_dir, target)
-    if dtype is not None:
-        cfg = cfg.replace(param_dtype=dtype)
-    return cfg, params
 
 
 def load_tokenizer(path: str | os.PathLike, gguf_file: str | None = None

@@ -38,6 +38,7 @@ from derta_jax.models.lora import scale as lora_scale
 WORKDIR_MODEL = "model"
 WORKDIR_CHECKPOINTS = "checkpoints"
 STATE_ITEM = "state"
+_ALIGN = 64  # bytes: what the CPU backend needs to take a host array as a device buffer
 
 log = logging.getLogger(__name__)
 
@@ -104,16 +105,29 @@ class Checkpoint:
                    dtype: Any = None) -> jax.Array:
         """The merged tensor at `path` (cast to `dtype` when given) as a jax.Array on `sharding`:
         this process reads only the slices its own devices hold, each distinct slice once."""
-        slices: dict[tuple, np.ndarray] = {}
+        return _assemble(self.params[path].shape, sharding,
+                         lambda index: _aligned(self.merged(path, index), dtype))
 
-        def shard(index: tuple[slice, ...]) -> np.ndarray:
-            key = tuple((s.start, s.stop, s.step) for s in index)
-            if key not in slices:
-                tensor = self.merged(path, tuple(index))
-                slices[key] = tensor if dtype is None else tensor.astype(dtype)
-            return slices[key]
+    def stacked_on_devices(self, paths: list[ParamPath], sharding: jax.sharding.Sharding,
+                           dtype: Any = None) -> jax.Array:
+        """The merged tensors at `paths` (the layers of a `scan_layers` stack) stacked on a new
+        leading axis, as a jax.Array on `sharding`: each of this process's shards is filled
+        layer by layer from that layer's slice, so no host ever holds more of the stack than its
+        devices' shards."""
+        stored = self.params[paths[0]]
+        shape = (len(paths),) + stored.shape
 
-        return jax.make_array_from_callback(self.params[path].shape, sharding, shard)
+        def read(index: tuple[slice, ...]) -> np.ndarray:
+            layers = range(len(paths))[index[0]]
+            out = None
+            for j, i in enumerate(layers):
+                tensor = self.merged(paths[i], index[1:])
+                if out is None:
+                    out = _empty_aligned((len(layers),) + tensor.shape, dtype or tensor.dtype)
+                out[j] = tensor
+            return out
+
+        return _assemble(shape, sharding, read)
 
     def lora_kernels(self) -> list[ParamPath]:
         """Canonical kernel paths that carry a LoRA adapter."""
@@ -129,7 +143,7 @@ class Checkpoint:
     def _read(self, stored: StoredTensor, index: tuple[int, ...] = ()) -> np.ndarray:
         try:
             store = _open(self.item_dir, ".".join(stored.leaf), self.use_ocdbt, self.use_zarr3)
-            array = np.asarray(store[stored.index + index].read().result())
+            array = _read_by_blocks(store[stored.index + index])
         except Exception as e:  # TensorStore raises many types; name the tensor in every case
             raise ValueError(f"cannot read {'/'.join(stored.leaf)} from {self.item_dir}: "
                              f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
@@ -138,6 +152,67 @@ class Checkpoint:
             raise ValueError(f"{self.item_dir} holds non-finite values in {'/'.join(stored.leaf)} "
                              "(a diverged run?): refusing it; pick an earlier step")
         return array
+
+
+def _assemble(shape: tuple[int, ...], sharding: jax.sharding.Sharding,
+              read: Any) -> jax.Array:
+    """A jax.Array of `shape` on `sharding` whose addressable shards are `read(index)`, each
+    distinct index read once (replicas share it)."""
+    slices: dict[tuple, np.ndarray] = {}
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in slices:
+            slices[key] = read(tuple(index))
+        return slices[key]
+
+    return jax.make_array_from_callback(shape, sharding, shard)
+
+
+def _empty_aligned(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised C-order array at a 64-byte aligned address: the CPU backend then takes
+    it as a device buffer without copying it (an unaligned one is copied, doubling the host
+    memory of every tensor being placed)."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    buffer = np.empty(nbytes + _ALIGN, np.uint8)
+    start = -buffer.ctypes.data % _ALIGN
+    return buffer[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _aligned(array: np.ndarray, dtype: Any = None) -> np.ndarray:
+    """`array` cast to `dtype` (when given) in 64-byte aligned memory (see `_empty_aligned`)."""
+    dtype = array.dtype if dtype is None else np.dtype(dtype)
+    if array.dtype == dtype and array.flags.c_contiguous and array.ctypes.data % _ALIGN == 0:
+        return array
+    out = _empty_aligned(array.shape, dtype)
+    out[...] = array
+    return out
+
+
+def _read_by_blocks(view: ts.TensorStore) -> np.ndarray:
+    """Reads a TensorStore view one block of storage chunks at a time, along the axis the view
+    crosses most chunks of, into aligned memory: TensorStore decodes every chunk a read touches,
+    all at once, so a slice that cuts across chunks (a shard's columns of row-chunked storage)
+    read in one go would hold about the whole tensor."""
+    out = _empty_aligned(tuple(view.shape), view.dtype.numpy_dtype)
+    layout = view.chunk_layout if view.rank else None
+    chunk, origin = (layout.read_chunk.shape, layout.grid_origin) if layout else (None, None)
+    if chunk is None or origin is None or None in chunk or None in origin:
+        out[...] = view.read().result()
+        return out
+    lo, hi = view.domain.inclusive_min, view.domain.exclusive_max
+
+    def starts(d: int) -> range:
+        first = origin[d] + (lo[d] - origin[d]) // chunk[d] * chunk[d]
+        return range(first, hi[d], chunk[d])
+
+    axis = max(range(view.rank), key=lambda d: len(starts(d)))
+    for start in starts(axis):
+        a, b = max(start, lo[axis]), min(start + chunk[axis], hi[axis])
+        out[(slice(None),) * axis + (slice(a - lo[axis], b - lo[axis]),)] = \
+            view[ts.d[axis][a:b]].read().result()
+    return out
 
 
 def merge_slice(kernel: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float,

@@ -39,7 +39,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 import tqdm
@@ -48,7 +47,6 @@ from flax import traverse_util
 from derta_jax.checkpoints import model_dir, resolve
 from derta_jax.data import loader as loader_lib
 from derta_jax.data import pipeline
-from derta_jax.models import layout
 from derta_jax.models.config import ModelConfig
 from derta_jax.training import checkpointing as ckpt
 from derta_jax.training import config as config_lib
@@ -83,35 +81,23 @@ def model_and_tokenizer(run: config_lib.RunConfig) -> tuple[ModelConfig, Any]:
 
 
 def load_params(run: config_lib.RunConfig, cfg: ModelConfig, shardings: Any) -> Any:
-    """The checkpoint's params placed on `shardings`, or None for a random init. A training
-    workdir's params are read one tensor at a time, LoRA adapters merged in, each process reading
-    only the slices its own devices hold: no host reads more than its share of the model."""
+    """The checkpoint's params placed on `shardings`, or None for a random init. A model dir or a
+    training workdir is read one tensor at a time (a workdir's LoRA adapters merged in), each
+    process reading only the slices its own devices hold: no host reads more than its share of
+    the model. A `scan_layers` run's stacks are filled layer by layer on each device's shard."""
     if run.source.init == "random":
         return None
-    start = start_checkpoint(run)
-    if start is not None:  # one tensor at a time onto its devices, then stacked there
-        onto = traverse_util.flatten_dict(
-            layer_shardings(shardings, cfg.num_layers) if cfg.scan_layers else shardings)
-        params = traverse_util.unflatten_dict({
-            p: start.on_devices(p, onto[p], jnp.dtype(cfg.param_dtype)) for p in start.params})
-        return jax.jit(layout.stack_layers, out_shardings=shardings)(params) \
-            if cfg.scan_layers else params
-    if not cfg.scan_layers:
-        return model_dir.load_model_dir(run.source.checkpoint, dtype=cfg.param_dtype,
-                                        shardings=shardings)[1]
-    # Each layer read straight onto its devices, sharded as its slice of the stack, then stacked
-    # on device: a process reads only its devices' shards and the host never holds the model.
-    _, params = model_dir.load_model_dir(run.source.checkpoint, dtype=cfg.param_dtype,
-                                         shardings=layer_shardings(shardings, cfg.num_layers))
-    return jax.jit(layout.stack_layers, out_shardings=shardings)(params)
-
-
-def layer_shardings(stacked: Any, num_layers: int) -> Any:
-    """The canonical tree's shardings from the stacked tree's: each layers_i sharded like its
-    slice of the stack (the stacked sharding without its leading layer axis)."""
-    layer = jax.tree.map(lambda s: NamedSharding(s.mesh, P(*s.spec[1:])), stacked["layers"])
-    rest = {k: v for k, v in stacked.items() if k != "layers"}
-    return {**rest, **{f"layers_{i}": layer for i in range(num_layers)}}
+    source = start_checkpoint(run) or resolve.resolve_checkpoint(run.source.checkpoint)
+    dtype, onto = jnp.dtype(cfg.param_dtype), traverse_util.flatten_dict(shardings)
+    flat = {}
+    for path in source.params:
+        if not cfg.scan_layers or not path[0].startswith("layers_"):
+            flat[path] = source.on_devices(path, onto[path], dtype)
+        elif path[0] == "layers_0":
+            layers = [(f"layers_{i}",) + path[1:] for i in range(cfg.num_layers)]
+            flat[("layers",) + path[1:]] = source.stacked_on_devices(
+                layers, onto[("layers",) + path[1:]], dtype)
+    return traverse_util.unflatten_dict(flat)
 
 
 def load_examples(d: config_lib.DataConfig, tokenizer: Any) -> list[Any]:

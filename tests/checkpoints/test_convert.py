@@ -10,7 +10,8 @@ import pytest
 
 from derta_jax import convert
 from derta_jax.checkpoints.hf import load_hf
-from derta_jax.checkpoints.model_dir import load_model_dir, load_tokenizer
+from derta_jax.checkpoints.model_dir import load_tokenizer
+from derta_jax.checkpoints.resolve import resolve_checkpoint
 
 
 def test_main_writes_a_model_dir(hf_checkpoint, llama3_tokenizer_dir, tmp_path, capsys):
@@ -18,7 +19,8 @@ def test_main_writes_a_model_dir(hf_checkpoint, llama3_tokenizer_dir, tmp_path, 
     out = convert.main(["--hf", str(folder), "--out", str(tmp_path / "m"), "--dtype", "bfloat16",
                         "--tokenizer", str(llama3_tokenizer_dir)])
     assert "converted 21 tensors, " in capsys.readouterr().out  # 2 layers x 9 + embed, norm, head
-    cfg, params = load_model_dir(out)
+    ckpt = resolve_checkpoint(out)
+    cfg, params = ckpt.cfg, ckpt.params_tree()
     ref_cfg, ref = load_hf(folder, dtype="bfloat16", progress=False)
     assert cfg == ref_cfg and cfg.sliding_window == 8
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref)):

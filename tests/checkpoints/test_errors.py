@@ -9,7 +9,8 @@ from safetensors.numpy import save_file
 
 from derta_jax.checkpoints.gguf import load_gguf
 from derta_jax.checkpoints.hf import load_hf
-from derta_jax.checkpoints.model_dir import load_model_dir, save_model_dir
+from derta_jax.checkpoints.model_dir import save_model_dir
+from derta_jax.checkpoints.resolve import resolve_checkpoint
 from tests.conftest import run_module
 
 
@@ -150,4 +151,4 @@ def test_model_dir_params_that_disagree_with_the_config_name_the_first_tensor(
     config = json.loads((md / "model_config.json").read_text())
     (md / "model_config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(ValueError, match=message):
-        load_model_dir(md)
+        resolve_checkpoint(md)

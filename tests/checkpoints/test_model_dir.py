@@ -1,4 +1,5 @@
-"""Model dir round trip (Orbax params, model_config.json, tokenizer), casting and sharding."""
+"""Model dir round trip (Orbax params, model_config.json, tokenizer, read back through
+resolve.py), casting and sharding on the way back."""
 import dataclasses
 import weakref
 
@@ -9,7 +10,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from transformers import AutoTokenizer
 
 from derta_jax.checkpoints.hf import lazy_hf, load_hf
-from derta_jax.checkpoints.model_dir import load_model_dir, load_tokenizer, save_model_dir
+from derta_jax.checkpoints.model_dir import load_config, load_tokenizer, save_model_dir
+from derta_jax.checkpoints.resolve import resolve_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +25,13 @@ def saved(hf_checkpoint, llama3_tokenizer_dir, tmp_path_factory):
 
 def test_restore_gives_the_saved_config_params_and_tokenizer(saved):
     out, cfg, params = saved
-    cfg2, params2 = load_model_dir(out)
-    assert cfg2 == cfg
+    ckpt = resolve_checkpoint(out)
+    assert ckpt.cfg == cfg == load_config(out)
+    params2 = ckpt.params_tree()
     assert jax.tree.structure(params2) == jax.tree.structure(params)
     for a, b in zip(jax.tree.leaves(params2), jax.tree.leaves(params)):
-        assert isinstance(a, jax.Array) and a.dtype == b.dtype
-        np.testing.assert_array_equal(np.asarray(a), b)
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
     assert load_tokenizer(out)("Sorry", add_special_tokens=False)["input_ids"] == [19701]
 
 
@@ -37,9 +40,9 @@ def test_restore_casts_and_shards(saved):
     mesh = jax.make_mesh((8,), ("fsdp",))
     shardings = jax.tree.map(
         lambda x: NamedSharding(mesh, P("fsdp") if x.shape[0] % 8 == 0 else P()), params)
-    cfg2, params2 = load_model_dir(out, dtype="bfloat16", shardings=shardings)
-    assert cfg2.param_dtype == "bfloat16" and cfg2.replace(param_dtype="float32") == cfg
-    embed = params2["embed_tokens"]["embedding"]
+    path = ("embed_tokens", "embedding")
+    embed = resolve_checkpoint(out).on_devices(path, shardings[path[0]][path[1]],
+                                               jax.numpy.bfloat16)
     assert embed.dtype == jax.numpy.bfloat16 and embed.sharding == shardings["embed_tokens"]["embedding"]
     assert len(embed.addressable_shards) == 8 and embed.addressable_shards[0].data.shape[0] == 96 // 8
     np.testing.assert_array_equal(np.asarray(embed, np.float32),
@@ -48,11 +51,11 @@ def test_restore_casts_and_shards(saved):
 
 def test_not_a_model_dir_says_what_is_missing(saved, tmp_path):
     with pytest.raises(ValueError, match="model_config.json is missing"):
-        load_model_dir(tmp_path)
+        load_config(tmp_path)
     out, cfg, _ = saved
     save_model_dir(tmp_path / "no_params", cfg, None, None)
-    with pytest.raises(ValueError, match="params is missing"):
-        load_model_dir(tmp_path / "no_params")
+    with pytest.raises(ValueError, match="model dir without params/"):
+        resolve_checkpoint(tmp_path / "no_params")
     with pytest.raises(ValueError, match="no_params has no tokenizer files"):
         load_tokenizer(tmp_path / "no_params")
 
@@ -86,6 +89,6 @@ def test_lazy_leaves_are_read_and_written_one_at_a_time(saved, hf_checkpoint, tm
     save_model_dir(tmp_path / "lazy", lazy_cfg, lazy, None)
     assert len(reads) == len(jax.tree.leaves(params)) and most[0] == 1
     assert not live  # nothing is kept once written
-    _, restored = load_model_dir(tmp_path / "lazy")
+    restored = resolve_checkpoint(tmp_path / "lazy").params_tree()
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), b)
+        np.testing.assert_array_equal(a, b)
