@@ -60,6 +60,22 @@ def compile_cache(tmp_path_factory) -> pathlib.Path:
     compilation_cache.reset_cache()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_dir(tmp_path_factory) -> pathlib.Path:
+    """Where training prepares its examples (data/prepared.py) for the whole run, never the
+    user's ~/.cache: one folder shared by the xdist workers and subprocesses."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "derta_data"
+    path.mkdir(exist_ok=True)
+    before = os.environ.get("DERTA_JAX_DATA_DIR")
+    os.environ["DERTA_JAX_DATA_DIR"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("DERTA_JAX_DATA_DIR", None)
+    else:
+        os.environ["DERTA_JAX_DATA_DIR"] = before
+
+
 TINY_HF = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,

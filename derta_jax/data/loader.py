@@ -15,7 +15,8 @@ longest (packing=False). `rows_per_step` is the most rows any step of the run ne
 is dropped or duplicated. A token-cut example draws k uniform in [0, max_cut] from
 (seed, epoch, example index).
 
-Every process builds the same global batch and keeps its rows (training/loop.py).
+Every process builds the same global batch and keeps its rows (training/loop.py). `examples` is
+a list or prepared examples (data/prepared.py), read by random access, a step's at a time.
 """
 from __future__ import annotations
 
@@ -73,12 +74,18 @@ def step_examples(num_examples: int, batch_size: int, seed: int, step: int) -> t
     return epoch_order(num_examples, seed, epoch)[j * batch_size:(j + 1) * batch_size], epoch
 
 
+def shapes(examples: Sequence[TokenizedExample]) -> Sequence:
+    """What planning reads of each example (lengths, prompt, cut): prepared examples keep it in
+    memory as `shapes` (data/prepared.py), so a plan never reads the examples themselves."""
+    return getattr(examples, "shapes", examples)
+
+
 def _check(examples: Sequence[TokenizedExample], batch_size: int, seq_len: int) -> None:
     if not examples:
         raise ValueError("no examples to load")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
-    for i, ex in enumerate(examples):
+    for i, ex in enumerate(shapes(examples)):
         if ex.prompt_len + ex.max_cut >= seq_len:
             raise ValueError(f"example {i} has a {ex.prompt_len}-token prompt (+{ex.max_cut} cut) that "
                              f"leaves no supervised token in seq_len={seq_len}; build the examples "
@@ -90,7 +97,7 @@ def make_plan(examples: Sequence[TokenizedExample], batch_size: int, seq_len: in
               row_multiple: int = 1, bucket_lengths: Sequence[int] | None = None) -> Plan:
     """The run's plan: `steps` steps, or ceil(epochs * steps_per_epoch) (the Trainer's count)."""
     _check(examples, batch_size, seq_len)
-    n = len(examples)
+    n, examples = len(examples), shapes(examples)
     per_epoch = math.ceil(n / batch_size)
     total = steps if steps else max(1, math.ceil(epochs * per_epoch))
     buckets = tuple(sorted(bucket_lengths or (seq_len,)))
@@ -115,8 +122,8 @@ def step_batch(examples: Sequence[TokenizedExample], plan: Plan, seed: int,
                step: int) -> dict[str, np.ndarray]:
     """The global batch of step `step` (0-based) under `plan`."""
     idx, epoch = step_examples(plan.examples, plan.batch_size, seed, step)
-    arrays = [materialize(examples[i], plan.seq_len, draw_cut(examples[i], seed, epoch, i))
-              for i in idx]
+    read = ((int(i), examples[i]) for i in idx)  # one read each: a prepared example is decoded
+    arrays = [materialize(ex, plan.seq_len, draw_cut(ex, seed, epoch, i)) for i, ex in read]
     if not plan.packing:
         return pack_lib.pad_batch(arrays, plan.bucket_lengths, rows=plan.rows_per_step)
     bins = pack_lib.first_fit_decreasing([len(a["tokens"]) for a in arrays], plan.seq_len)

@@ -34,7 +34,7 @@ import math
 import pathlib
 import signal
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +46,7 @@ from flax import traverse_util
 
 from derta_jax.checkpoints import model_dir, resolve
 from derta_jax.data import loader as loader_lib
-from derta_jax.data import pipeline
+from derta_jax.data import prepared
 from derta_jax.models.config import ModelConfig
 from derta_jax.training import checkpointing as ckpt
 from derta_jax.training import config as config_lib
@@ -100,13 +100,10 @@ def load_params(run: config_lib.RunConfig, cfg: ModelConfig, shardings: Any) -> 
     return traverse_util.unflatten_dict(flat)
 
 
-def load_examples(d: config_lib.DataConfig, tokenizer: Any) -> list[Any]:
-    examples, _ = pipeline.training_examples(  # logs what it kept, truncated and dropped
-        tokenizer, recipe=d.recipe, safety=d.source("safety"), helpful=d.source("helpful"),
-        max_length=d.max_length, refusal_token=d.refusal_token, template=d.template, cut=d.cut,
-        seed=d.seed, skip_invalid=d.skip_invalid, eos_text=d.eos_text,
-        assistant_turns=d.assistant_turns, **d.counts())
-    return examples
+def load_examples(d: config_lib.DataConfig, tokenizer: Any) -> Sequence[Any]:
+    """The run's tokenised examples, prepared once into data.data_dir and read by random access
+    (data/prepared.py); what was kept, truncated and dropped is logged on every start."""
+    return prepared.examples(d, tokenizer)
 
 
 def row_multiple(mesh: Any, accum_steps: int, processes: int) -> int:

@@ -46,8 +46,25 @@ def fingerprint(examples: Sequence[TokenizedExample]) -> str:
     return h.hexdigest()
 
 
-def attach(examples: Sequence[TokenizedExample], logps: Logps) -> list[TokenizedExample]:
-    return [dataclasses.replace(ex, ref_logps=lp) for ex, lp in zip(examples, logps)]
+class Attached(Sequence[TokenizedExample]):
+    """`examples` with each one's reference log-probs, read one at a time (prepared examples
+    stay on disk); `shapes` passes through to the planner."""
+
+    def __init__(self, examples: Sequence[TokenizedExample], logps: Logps):
+        if len(examples) != len(logps):
+            raise ValueError(f"{len(logps)} reference log-probs for {len(examples)} examples")
+        self.examples, self.logps = examples, logps
+        self.shapes = getattr(examples, "shapes", examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> TokenizedExample:
+        return dataclasses.replace(self.examples[i], ref_logps=self.logps[i])
+
+
+def attach(examples: Sequence[TokenizedExample], logps: Logps) -> Attached:
+    return Attached(examples, logps)
 
 
 def load_or_compute(workdir: pathlib.Path, examples: Sequence[TokenizedExample],
