@@ -16,7 +16,8 @@ is dropped or duplicated. A token-cut example draws k uniform in [0, max_cut] fr
 (seed, epoch, example index).
 
 Every process builds the same global batch and keeps its rows (training/loop.py). `examples` is
-a list or prepared examples (data/prepared.py), read by random access, a step's at a time.
+a list or prepared examples (data/prepared.py): planning reads only their `table`, and a step
+reads its own examples by random access.
 """
 from __future__ import annotations
 
@@ -56,10 +57,33 @@ class Plan:
 
 def draw_cut(example: TokenizedExample, seed: int, epoch: int, index: int) -> int:
     """k for a token-cut example in one epoch: uniform in [0, max_cut], 0 for other examples."""
-    if not example.cut_len:
+    return _draw(example.cut_len, example.max_cut, seed, epoch, index)
+
+
+def _draw(cut_len: int, max_cut: int, seed: int, epoch: int, index: int) -> int:
+    if not cut_len:
         return 0
     rng = np.random.default_rng([_CUT_STREAM, seed, epoch, index])
-    return int(rng.integers(0, example.max_cut + 1))
+    return int(rng.integers(0, max_cut + 1))
+
+
+TABLE = ("prompt_len", "cut_len", "max_cut", "length0", "full")
+
+
+def table(examples: Sequence[TokenizedExample]) -> dict[str, np.ndarray]:
+    """What planning reads of every example, as integer arrays: prompt_len, cut_len, max_cut,
+    `length0` (its length with k = 0) and `full` (with k > 0 harmful tokens kept it is full + k).
+    Prepared examples keep this in memory (data/prepared.py), so a plan never reads them; a list
+    is scanned once."""
+    stored = getattr(examples, "table", None)
+    return stored if stored is not None else table_of(examples)
+
+
+def table_of(examples: Sequence[TokenizedExample]) -> dict[str, np.ndarray]:
+    rows = np.array([(ex.prompt_len, ex.cut_len, ex.max_cut, ex.length(0),
+                      len(ex.tokens) - ex.cut_len if ex.cut_len else ex.length(0))
+                     for ex in examples], np.int64).reshape(-1, len(TABLE))
+    return dict(zip(TABLE, rows.T))
 
 
 @functools.lru_cache(maxsize=4)
@@ -74,37 +98,38 @@ def step_examples(num_examples: int, batch_size: int, seed: int, step: int) -> t
     return epoch_order(num_examples, seed, epoch)[j * batch_size:(j + 1) * batch_size], epoch
 
 
-def shapes(examples: Sequence[TokenizedExample]) -> Sequence:
-    """What planning reads of each example (lengths, prompt, cut): prepared examples keep it in
-    memory as `shapes` (data/prepared.py), so a plan never reads the examples themselves."""
-    return getattr(examples, "shapes", examples)
-
-
-def _check(examples: Sequence[TokenizedExample], batch_size: int, seq_len: int) -> None:
-    if not examples:
+def _check(examples: dict[str, np.ndarray], batch_size: int, seq_len: int) -> None:
+    if not len(examples["prompt_len"]):
         raise ValueError("no examples to load")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
-    for i, ex in enumerate(shapes(examples)):
-        if ex.prompt_len + ex.max_cut >= seq_len:
-            raise ValueError(f"example {i} has a {ex.prompt_len}-token prompt (+{ex.max_cut} cut) that "
-                             f"leaves no supervised token in seq_len={seq_len}; build the examples "
-                             f"with max_length <= seq_len")
+    too_long = np.flatnonzero(examples["prompt_len"] + examples["max_cut"] >= seq_len)
+    if len(too_long):
+        i = too_long[0]
+        raise ValueError(f"example {i} has a {examples['prompt_len'][i]}-token prompt "
+                         f"(+{examples['max_cut'][i]} cut) that leaves no supervised token in "
+                         f"seq_len={seq_len}; build the examples with max_length <= seq_len")
 
 
 def make_plan(examples: Sequence[TokenizedExample], batch_size: int, seq_len: int, seed: int, *,
               epochs: float = 1.0, steps: int | None = None, packing: bool = True,
               row_multiple: int = 1, bucket_lengths: Sequence[int] | None = None) -> Plan:
     """The run's plan: `steps` steps, or ceil(epochs * steps_per_epoch) (the Trainer's count)."""
-    _check(examples, batch_size, seq_len)
-    n, examples = len(examples), shapes(examples)
+    t = table(examples)
+    _check(t, batch_size, seq_len)
+    n = len(t["prompt_len"])
     per_epoch = math.ceil(n / batch_size)
     total = steps if steps else max(1, math.ceil(epochs * per_epoch))
     buckets = tuple(sorted(bucket_lengths or (seq_len,)))
     rows, slots, tokens = 1, 0, 0
     for step in range(total):
         idx, epoch = step_examples(n, batch_size, seed, step)
-        lengths = [min(examples[i].length(draw_cut(examples[i], seed, epoch, i)), seq_len) for i in idx]
+        k = np.zeros(len(idx), np.int64)
+        for j in np.flatnonzero(t["cut_len"][idx]):  # token-cut examples draw their k
+            i = int(idx[j])
+            k[j] = _draw(int(t["cut_len"][i]), int(t["max_cut"][i]), seed, epoch, i)
+        lengths = np.minimum(np.where(k > 0, t["full"][idx] + k, t["length0"][idx]),
+                             seq_len).tolist()
         tokens += sum(lengths)
         if packing:
             rows = max(rows, len(pack_lib.first_fit_decreasing(lengths, seq_len)))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
-from typing import Any
+from typing import Any, Iterator
 
 from derta_jax.data import records as records_mod
 from derta_jax.data.recipe import PREFERENCE, DertaRecord, PairRecord, build_mixture
@@ -32,6 +32,7 @@ DEMO_DIR = pathlib.Path(__file__).resolve().parent / "demo"
 DEMO_SAFETY = DEMO_DIR / "safety.jsonl"
 DEMO_HELPFUL = DEMO_DIR / "helpful.jsonl"
 DEMO_EVAL_DIR = DEMO_DIR / "eval"
+CHUNK = 4096  # records tokenised at a time by tokenised_chunks
 
 
 def source(keys: Any, kind: str) -> Source:
@@ -73,18 +74,42 @@ def training_examples(tokenizer: Any, recipe: str = "derta",
                       assistant_turns: str = "all", **counts: int | None
                       ) -> tuple[list[TokenizedExample], BuildStats]:
     """Sources -> tokenised examples ready for the loader, and the build counts."""
+    stats, examples = BuildStats(), []
+    for chunk in tokenised_chunks(stats, tokenizer, recipe, safety, helpful, max_length,
+                                  refusal_token, template, cut, seed, add_bos, skip_invalid,
+                                  eos_text, assistant_turns, **counts):
+        examples.extend(chunk)
+    return examples, stats
+
+
+def tokenised_chunks(stats: BuildStats, tokenizer: Any, recipe: str = "derta",
+                     safety: Source | str | os.PathLike = DEMO_SAFETY,
+                     helpful: Source | str | os.PathLike = DEMO_HELPFUL, max_length: int = 1024,
+                     refusal_token: str = DEFAULT_REFUSAL, template: str = "base",
+                     cut: str = "word", seed: int = 0, add_bos: bool | None = None,
+                     skip_invalid: bool = False, eos_text: str = OFFICIAL_EOS,
+                     assistant_turns: str = "all", chunk_size: int = CHUNK,
+                     **counts: int | None) -> Iterator[list[TokenizedExample]]:
+    """`training_examples`, tokenised `chunk_size` records at a time (each record is tokenised
+    on its own, so the examples are the same): data/prepared.py writes them without ever holding
+    all of them. `stats` is filled in as it goes and logged at the end."""
     recs = mixture_records(recipe, safety, helpful, tokenizer, template, cut, seed, skip_invalid,
                            eos_text, assistant_turns, **counts)
     if template == "base":
         _warn_if_not_one_token(tokenizer, eos_text)
     if recipe == PREFERENCE:
-        examples, stats = build_pair_examples(recs, tokenizer, max_length, template, add_bos)
-        log.info("recipe %s: %s", recipe, stats)
-        return examples, stats
-    refusal_id = refusal_token_id(tokenizer, refusal_token)
-    examples, stats = build_examples(recs, tokenizer, max_length, refusal_id, template, add_bos)
+        def build(part):
+            return build_pair_examples(part, tokenizer, max_length, template, add_bos)
+    else:
+        refusal_id = refusal_token_id(tokenizer, refusal_token)
+
+        def build(part):
+            return build_examples(part, tokenizer, max_length, refusal_id, template, add_bos)
+    for start in range(0, len(recs), chunk_size):
+        examples, part_stats = build(recs[start:start + chunk_size])
+        stats.add(part_stats)
+        yield examples
     log.info("recipe %s: %s", recipe, stats)
-    return examples, stats
 
 
 def _warn_if_not_one_token(tokenizer: Any, eos_text: str) -> None:

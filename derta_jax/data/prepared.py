@@ -6,13 +6,13 @@ The first run with a given data config, sources and tokenizer reads and tokenise
 (`pipeline.training_examples`, on process 0) and writes `<data.data_dir>/examples/<key>/`:
 
     examples.array_record   one record per example (`encode`: a JSON header and int32 ids)
-    index.npz               per example, the lengths the planner needs (`Shapes`), never the ids
+    index.npz               per example, what the planner reads (`loader.table`), never the ids
     log.json                what the build logged (counts, skipped rows), replayed on every use
 
 `key` hashes the format, the data keys that shape the examples, the bytes of every source file
 (a hub name: its name, split and revision) and the tokenizer, so a changed input is a new folder
 and a second run, or another host of the same run, opens the same one. A process then holds only
-the index in memory (six integers per example) and reads the examples of each step by random
+the index in memory (five integers per example) and reads the examples of each step by random
 access (grain's ArrayRecordDataSource): its memory and start-up do not grow with the data
 (benchmarks/README.md, "Data at scale"). A host that does not see the folder process 0 wrote (a
 data_dir that is not shared) prepares its own copy, with a warning.
@@ -20,7 +20,6 @@ data_dir that is not shared) prepares its own copy, with a warning.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -35,8 +34,8 @@ import numpy as np
 from array_record.python import array_record_module
 from jax.experimental import multihost_utils
 
-from derta_jax.data import pipeline
-from derta_jax.data.tokenize import TokenizedExample
+from derta_jax.data import loader, pipeline
+from derta_jax.data.tokenize import BuildStats, TokenizedExample
 
 log = logging.getLogger(__name__)
 
@@ -114,20 +113,24 @@ def _complete(folder: pathlib.Path) -> bool:
 
 def _prepare(d: Any, tokenizer: Any, folder: pathlib.Path) -> None:
     """Tokenises `d`'s examples into `folder` (a temporary folder renamed into place)."""
-    with _captured_logs() as lines:
-        built, _ = pipeline.training_examples(
-            tokenizer, recipe=d.recipe, safety=d.source("safety"), helpful=d.source("helpful"),
-            max_length=d.max_length, refusal_token=d.refusal_token, template=d.template,
-            cut=d.cut, seed=d.seed, skip_invalid=d.skip_invalid, eos_text=d.eos_text,
-            assistant_turns=d.assistant_turns, **d.counts())
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     writer = array_record_module.ArrayRecordWriter(str(tmp / RECORDS), "group_size:1")
-    for ex in built:
-        writer.write(encode(ex))
+    tables, stats = [], BuildStats()
+    with _captured_logs() as lines:
+        for chunk in pipeline.tokenised_chunks(
+                stats, tokenizer, recipe=d.recipe, safety=d.source("safety"),
+                helpful=d.source("helpful"), max_length=d.max_length,
+                refusal_token=d.refusal_token, template=d.template, cut=d.cut, seed=d.seed,
+                skip_invalid=d.skip_invalid, eos_text=d.eos_text,
+                assistant_turns=d.assistant_turns, **d.counts()):
+            for ex in chunk:
+                writer.write(encode(ex))
+            tables.append(loader.table_of(chunk))
     writer.close()
-    np.savez(tmp / INDEX, **Shapes.of(built).arrays)
+    np.savez(tmp / INDEX, **{name: np.concatenate([t[name] for t in tables] or [np.zeros(0)])
+                             .astype(np.int32) for name in loader.TABLE})
     (tmp / LOG).write_text(json.dumps(lines))
     try:
         tmp.rename(folder)
@@ -135,7 +138,7 @@ def _prepare(d: Any, tokenizer: Any, folder: pathlib.Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         if not _complete(folder):
             raise
-    log.info("prepared %d examples in %s", len(built), folder)
+    log.info("prepared %d examples in %s", stats.examples, folder)
 
 
 @contextlib.contextmanager
@@ -192,66 +195,23 @@ def decode(record: bytes) -> TokenizedExample:
     return TokenizedExample(**header, turns=turns, **ids)
 
 
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    """What the planner reads of an example (`loader.make_plan`, `loader.draw_cut`)."""
-
-    n_tokens: int
-    n_uncut: int  # -1: none
-    n_rejected: int  # -1: not a pair
-    prompt_len: int
-    cut_len: int
-    max_cut: int
-
-    def length(self, k: int = 0) -> int:
-        """TokenizedExample.length, from the lengths alone."""
-        if self.n_rejected >= 0:
-            return self.n_tokens + self.n_rejected
-        if k == 0 and self.n_uncut >= 0:
-            return self.n_uncut
-        return self.n_tokens - self.cut_len + k
-
-
-class Shapes(Sequence[Shape]):
-    """The index: every example's `Shape`, as six integer arrays."""
-
-    FIELDS = tuple(f.name for f in dataclasses.fields(Shape))
-
-    def __init__(self, arrays: dict[str, np.ndarray]):
-        self.arrays = arrays
-
-    @classmethod
-    def of(cls, built: Sequence[TokenizedExample]) -> "Shapes":
-        def size(ids):
-            return -1 if ids is None else len(ids)
-        rows = [(len(ex.tokens), size(ex.uncut), size(ex.rejected), ex.prompt_len, ex.cut_len,
-                 ex.max_cut) for ex in built]
-        table = np.array(rows, np.int32).reshape(len(rows), len(cls.FIELDS))
-        return cls({name: table[:, i] for i, name in enumerate(cls.FIELDS)})
-
-    def __len__(self) -> int:
-        return len(self.arrays["n_tokens"])
-
-    def __getitem__(self, i: int) -> Shape:
-        return Shape(*(int(self.arrays[name][i]) for name in self.FIELDS))
-
-
 class PreparedExamples(Sequence[TokenizedExample]):
-    """A prepared folder's examples, read one at a time; `shapes` is the index in memory."""
+    """A prepared folder's examples, read one at a time; `table` (loader.table: five integers
+    per example) is all that is in memory."""
 
     def __init__(self, folder: pathlib.Path):
         self.folder = folder
         try:
             with np.load(folder / INDEX) as f:
-                self.shapes = Shapes({name: f[name] for name in Shapes.FIELDS})
+                self.table = {name: f[name] for name in loader.TABLE}
             self._records = grain.sources.ArrayRecordDataSource([str(folder / RECORDS)])
         except Exception as e:  # numpy and array_record raise many types; name the folder
             raise self._damaged(e) from None
-        if len(self._records) != len(self.shapes):
-            raise self._damaged(f"{len(self._records)} records for {len(self.shapes)} index rows")
+        if len(self._records) != len(self):
+            raise self._damaged(f"{len(self._records)} records for {len(self)} index rows")
 
     def __len__(self) -> int:
-        return len(self.shapes)
+        return len(self.table["prompt_len"])
 
     def __getitem__(self, i: int | slice) -> TokenizedExample | list[TokenizedExample]:
         if isinstance(i, slice):

@@ -89,6 +89,10 @@ class BuildStats:
     truncated: int = 0  # kept, but the response was cut at max_length
     dropped_no_supervised: int = 0  # the prompt alone fills max_length
 
+    def add(self, other: "BuildStats") -> None:
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+
     def __str__(self) -> str:
         return (f"{self.examples} examples, {self.truncated} truncated to fit, "
                 f"{self.dropped_no_supervised} dropped (no supervised token left)")
@@ -143,7 +147,6 @@ def build_examples(records: Sequence[DertaRecord], tokenizer: Any, max_length: i
         stats.truncated += natural > max_length
         out.append(ex)
     stats.examples = len(out)
-    log.info("tokenised: %s", stats)
     return out, stats
 
 
@@ -170,7 +173,6 @@ def build_pair_examples(records: Sequence[PairRecord], tokenizer: Any, max_lengt
         out.append(TokenizedExample(np.asarray(c[:half], np.int32), p,
                                     rejected=np.asarray(r[:half], np.int32)))
     stats.examples = len(out)
-    log.info("tokenised pairs: %s", stats)
     return out, stats
 
 

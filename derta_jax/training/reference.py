@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import tqdm
 
-from derta_jax.data import packing
+from derta_jax.data import loader, packing
 from derta_jax.data.tokenize import TokenizedExample, materialize
 from derta_jax.models.config import ModelConfig
 from derta_jax.models.decoder import Decoder, lm_head_weight
@@ -48,13 +48,13 @@ def fingerprint(examples: Sequence[TokenizedExample]) -> str:
 
 class Attached(Sequence[TokenizedExample]):
     """`examples` with each one's reference log-probs, read one at a time (prepared examples
-    stay on disk); `shapes` passes through to the planner."""
+    stay on disk); their planning `table` passes through."""
 
     def __init__(self, examples: Sequence[TokenizedExample], logps: Logps):
         if len(examples) != len(logps):
             raise ValueError(f"{len(logps)} reference log-probs for {len(examples)} examples")
         self.examples, self.logps = examples, logps
-        self.shapes = getattr(examples, "shapes", examples)
+        self.table = loader.table(examples)
 
     def __len__(self) -> int:
         return len(self.examples)

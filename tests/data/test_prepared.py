@@ -48,9 +48,9 @@ def test_prepared_examples_equal_a_fresh_build_and_plan_alike(tmp_path, llama3, 
     assert isinstance(got, prepared.PreparedExamples)
     assert_same(got, want)
     assert_same(got[2:5], want[2:5])
-    for k in range(3):  # the index gives every length the planner asks for
-        assert [s.length(min(k, s.max_cut)) for s in got.shapes] == \
-               [ex.length(min(k, ex.max_cut)) for ex in want]
+    table = got.table  # the index holds what the planner reads, as a scan of the examples
+    for name, column in loader.table_of(want).items():
+        np.testing.assert_array_equal(table[name], column, err_msg=name)
     plan = loader.make_plan(got, 8, 64, seed=1, epochs=2)
     assert plan == loader.make_plan(want, 8, 64, seed=1, epochs=2)
     for step in (0, plan.total_steps - 1):
@@ -114,9 +114,9 @@ def test_records_round_trip_every_kind_of_example():
     for ex in kinds:
         back = prepared.decode(prepared.encode(ex))
         assert_same([back], [ex])
-        shape = prepared.Shapes.of([ex])[0]
-        assert [shape.length(k) for k in range(ex.max_cut + 1)] == \
-               [ex.length(k) for k in range(ex.max_cut + 1)]
+        t = loader.table_of([ex])  # the planner's lengths: length0 for k = 0, else full + k
+        assert [int(t["length0"][0]) if k == 0 else int(t["full"][0]) + k
+                for k in range(ex.max_cut + 1)] == [ex.length(k) for k in range(ex.max_cut + 1)]
     with pytest.raises(ValueError, match="attached after preparation"):
         prepared.encode(dataclasses.replace(kinds[0], ref_logps=np.zeros(8, np.float32)))
     record = prepared.encode(kinds[1])
