@@ -124,3 +124,19 @@ def test_records_round_trip_every_kind_of_example():
         prepared.decode(record + b"\0\0\0\0")
     assert json.loads(record[4:4 + int.from_bytes(record[:4], "little")])["ids"] == \
         {"tokens": 11, "uncut": 6}
+
+
+def test_a_host_that_does_not_see_process_0s_folder_prepares_its_own(tmp_path, llama3, caplog,
+                                                                     monkeypatch):
+    """Process 1 of 2 with a data_dir that is not shared: after the barrier it finds nothing,
+    says so, and prepares the same examples itself."""
+    synced = []
+    monkeypatch.setattr(prepared.jax, "process_index", lambda: 1)
+    monkeypatch.setattr(prepared.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(prepared.multihost_utils, "sync_global_devices", synced.append)
+    d = data_config(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        got = prepared.examples(d, llama3)
+    assert len(synced) == 1
+    assert any("not visible from process 1" in r.getMessage() for r in caplog.records)
+    assert_same(got, fresh(d, llama3))
