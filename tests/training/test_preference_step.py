@@ -123,14 +123,16 @@ PAIRS = dict(data__recipe="preference", data__rto_count=-1, data__prefix_count=-
              data__helpful_count=-1, data__pairs_count=16, data__max_length=128)
 CASES = {  # objective -> config overrides
     "dpo": dict(PAIRS),  # full parameter: the stored reference
+    "ipo": dict(PAIRS, model__lora_rank=4),  # LoRA: the base as reference
+    "simpo": dict(PAIRS),  # no reference
     "constrained_sft": dict(data__recipe="recaug", data__rto_count=-1, data__prefix_count=16,
                             model__lora_rank=4),  # LoRA: the base as reference
 }
 
 
 # Resume is the loop's (objective-blind) except for the reference: the stored one of a
-# full-parameter run and LoRA's live one; ipo and simpo share dpo's path (8 devices test above).
-@pytest.mark.parametrize("objective", ("dpo", "constrained_sft"))
+# full-parameter run, LoRA's live one, or none.
+@pytest.mark.parametrize("objective", tuple(CASES))
 def test_resume_equals_an_uninterrupted_run(tmp_path, objective, llama3_tokenizer_dir):
     config = tiny_config(steps=3, loss__objective=objective, **CASES[objective])
     loop.train(config, tmp_path / "straight")
