@@ -35,17 +35,19 @@ Variants (`--config=configs/smollm2.py:variant`; no variant: the DeRTa demo abov
                 (another vanilla workdir: --config.model.checkpoint=PATH). Pairs
                 (data.recipe=preference): the first 100 safety triples, the ones the vanilla
                 model was tuned on, with the safe response chosen and the harmful one rejected,
-                plus helpful rows that carry a `rejected` answer, of which the demo helpful data
-                has none (the paper's come from Qwen1.5-0.5B-chat), so the demo DPO sees the 100
-                safety pairs only: ceil(100 / 24) = 5 steps of 24 pairs. data.max_length 512 is
-                the pair's budget (both sequences share one packed row), so each sequence keeps
-                256 tokens as the demo's examples. Learning rate 5e-6, our choice, not the
-                paper's (5e-7 for LLaMA3-8B full parameter, 2e-6 for 70B LoRA, i.e. 1/40 of its
-                SFT rate of 2e-5 at 8B): this model is 60 times smaller and full-parameter, and
-                the run is 5 steps, so 5e-6 (1/20 of the demo's SFT rate of 1e-4; 5 times TRL's
-                DPOConfig default of 1e-6) should move the rewards within 5 steps without
-                undoing the SFT; it is neither the paper's nor tuned. No warmup (0.03 of 5
-                steps would round up to one step at learning rate 0). Full parameter: the
+                plus the helpful rows that carry a `rejected` answer: the 560 hand-written demo
+                pairs, whose rejected answers are written as a weaker model's (a wrong sum,
+                capital or antonym, a vague tip, empty steps; the paper's come from
+                Qwen1.5-0.5B-chat); the self-generated pairs have none and are left out (counted
+                in the log). ceil(660 / 24) = 28 steps of 24 pairs. data.max_length 512 is the
+                pair's budget (both sequences share one packed row), so each sequence keeps 256
+                tokens as the demo's examples. Learning rate 5e-6, our choice, not the paper's
+                (5e-7 for LLaMA3-8B full parameter, 2e-6 for 70B LoRA, i.e. 1/40 of its SFT rate
+                of 2e-5 at 8B): this model is 60 times smaller and full-parameter, and the run is
+                short, so 5e-6 (1/20 of the demo's SFT rate of 1e-4; 5 times TRL's DPOConfig
+                default of 1e-6) should move the rewards without undoing the SFT; it is neither
+                the paper's nor tuned. No warmup (the paper's 0.03 of a short run rounds to one
+                step at learning rate 0). Full parameter: the
                 reference log-probs (the vanilla model's) are computed once at start into
                 <workdir>/reference_logps.npz.
   constrained   Qi et al.'s token-wise constrained SFT ("Safety Alignment Should Be Made More

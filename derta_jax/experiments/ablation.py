@@ -13,9 +13,10 @@ same S safety triples (`ROWS`, the one table of what each row trains):
     rto_only     helpful + S/2 RTO + S/2 vanilla safety examples  (paper: +RTO)
     derta        helpful + S/2 RTO + S/2 harmful-prefix examples  (DeRTa)
     dpo          one epoch of DPO on the S safety triples as pairs (safe chosen, harmful
-                 rejected) from the same seed's `vanilla` workdir (trained first when missing),
-                 with the DPO learning rate and β of configs/smollm2.py:dpo; no helpful pairs:
-                 the demo helpful data has no `rejected` answers (paper: the DPO baseline)
+                 rejected) and the helpful rows with a `rejected` answer (the demo's weaker
+                 answers), from the same seed's `vanilla` workdir (trained first when missing),
+                 with the DPO learning rate and β of configs/smollm2.py:dpo (paper: the DPO
+                 baseline)
     constrained  the recaug data with Qi et al.'s token-wise constrained SFT
                  (loss.objective=constrained_sft), the plan's steps, from the untouched model
 
@@ -53,7 +54,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from derta_jax import cli
 from derta_jax import convert
 from derta_jax import eval as eval_cli
-from derta_jax.data import pipeline, selfgen
+from derta_jax.data import pipeline, records, selfgen
 from derta_jax.data import recipe as recipe_lib
 from derta_jax.evaluation import tasks
 from derta_jax.experiments.ablation_report import ROOT, UNTOUCHED, write_doc
@@ -157,21 +158,31 @@ def safety_budget(config: ml_collections.ConfigDict) -> int:
 def recipe_counts(recipe: str, budget: int) -> dict[str, int]:
     """The data counts of row `recipe` (a key of ROWS) for `budget` safety examples: a mixture's
     parts split in the official proportions of `data/recipe.py` (-1: a part it does not use);
-    the preference row's `budget` safety pairs and no helpful pairs (the demo helpful data has
-    no `rejected` answers, and an explicit helpful count would ask for them)."""
+    the preference row's `budget` safety pairs (its helpful pairs: `helpful_pairs`)."""
     row = ROWS[recipe]
     if row.recipe == recipe_lib.PREFERENCE:
-        return {**{key: -1 for key in COUNT_KEYS}, "pairs_count": budget, "helpful_count": 0}
+        return {**{key: -1 for key in COUNT_KEYS if key != "helpful_count"},
+                "pairs_count": budget}
     counts = recipe_lib.safety_counts(row.recipe, budget)
     return {key: counts.get(key, -1) for key in COUNT_KEYS}
 
 
 def row_steps(plan: Plan, recipe: str) -> int:
-    """The optimizer steps of row `recipe`: the plan's, or one epoch of its S pairs."""
+    """The optimizer steps of row `recipe`: the plan's, or one epoch of its pairs (the S safety
+    pairs and `helpful_pairs`)."""
     if ROWS[recipe].steps == "plan":
         return plan.steps
     config = base_config(plan)
-    return math.ceil(safety_budget(config) / config.train.batch_size)
+    pairs = safety_budget(config) + helpful_pairs(config.data)
+    return math.ceil(pairs / config.train.batch_size)
+
+
+def helpful_pairs(data: ml_collections.ConfigDict) -> int:
+    """The preference row's helpful pairs: the helpful rows with a `rejected` answer (the demo's
+    hand-written ones; self-generated pairs have none), at most data.helpful_count."""
+    rows, _ = records.read_rows(pipeline.source(data, "helpful"), "helpful", data.skip_invalid)
+    n = sum("rejected" in row for row in rows)
+    return n if data.helpful_count < 0 else min(n, data.helpful_count)
 
 
 def dpo_settings() -> dict[str, Any]:
@@ -201,6 +212,8 @@ def run_overrides(plan: Plan, recipe: str, seed: int) -> list[str]:
            "train.steps": steps, "train.log_every": 1,
            "checkpoint.every_steps": steps, "checkpoint.keep": 1,
            **{f"data.{k}": v for k, v in recipe_counts(recipe, budget).items()}}
+    if row.recipe == recipe_lib.PREFERENCE:
+        run["data.helpful_count"] = helpful_pairs(config.data)
     if row.objective == "dpo":
         # a pair's budget: each of its sequences keeps the base config's max_length
         run.update({"data.max_length": 2 * config.data.max_length, **dpo_settings()})

@@ -264,9 +264,10 @@ def _baseline_lines(workdirs: dict[str, list[pathlib.Path]]) -> list[str]:
             f"steps of {c['train']['batch_size']} pairs, each response sequence cut to "
             f"{d['max_length'] // 2} tokens. Its data: the first {pairs} safety triples as pairs "
             "(safe response chosen, harmful rejected), those the other rows draw their safety "
-            "examples from, and no helpful pairs: the demo helpful data has no "
-            "`rejected` answers, so this row trains on the safety pairs only (the paper's DPO "
-            "also has helpful pairs, with rejected answers from Qwen1.5-0.5B-chat).")
+            f"examples from, and {d['helpful_count']} helpful pairs: the hand-written demo "
+            "answers chosen and their `rejected` answers, written as a weaker model's (a wrong "
+            "sum, capital or antonym, a vague tip, empty steps), where the paper's come from "
+            "Qwen1.5-0.5B-chat; the self-generated helpful pairs have no rejected answer.")
     if workdirs.get("constrained"):
         c = run_config(workdirs["constrained"][0])
         lc = c["loss"]
@@ -346,8 +347,8 @@ def write_doc(plan: Plan, config: ml_collections.ConfigDict, results: dict[str, 
         f"`metrics.jsonl`, the last {window} for the rows of {plan.steps} steps; '-' where a row "
         "logs no such loss (loss/rto for recipes without RTO examples)."
         + (f" {row_label('dpo')}: loss/dpo is the DPO loss and loss/mle the mean NLL of its "
-           "chosen and rejected response tokens; it trains on safety pairs only (no helpful "
-           "pairs: the demo helpful data has no `rejected` answers)." if "dpo" in workdirs else "")
+           "chosen and rejected response tokens, over its safety and helpful pairs."
+           if "dpo" in workdirs else "")
         + (f" {row_label('constrained')}: loss/constrained_sft is Qi et al.'s loss per "
            "supervised token, loss/mle the plain NLL of the same tokens."
            if "constrained" in workdirs else ""),

@@ -29,7 +29,7 @@ LABELS = {"vanilla": "Vanilla (`vanilla`)", "recaug": "+Harmful Prefix (`recaug`
           "rto_only": "+RTO (`rto_only`)", "derta": "DeRTa (`derta`)",
           "dpo": "Vanilla + DPO (`dpo`)",
           "constrained": "Constrained SFT (Qi et al.) (`constrained`)"}
-DPO_STEPS = math.ceil(24 / 8)  # one epoch of the S = 24 safety pairs, 8 per step
+DPO_STEPS = math.ceil((24 + 16) / 8)  # one epoch: the S = 24 safety pairs and 16 helpful, 8 a step
 RECIPES = ("vanilla", "recaug", "rto_only", "derta")
 
 
@@ -173,7 +173,7 @@ def test_the_dpo_row_joins_a_finished_run_and_the_table(ablation_run, dpo_run):
     answers = (out / "runs" / "eval" / "dpo-s0" / "completionattack.jsonl").read_text()
     asr = [json.loads(l)["judges"]["refusal"]["harmful"] for l in answers.splitlines()]
     assert dpo["Comp ASR %"] == f"{100.0 * sum(asr) / len(asr):.1f}"
-    assert "trains on the safety pairs only" in markdown.split("## Results")[0]
+    assert "and 16 helpful pairs" in markdown.split("## Results")[0]
     ordering = next(l for l in markdown.splitlines() if l.startswith("Completion-attack ASR"))
     measured, paper = ordering.split("; the paper's")
     assert "Vanilla + DPO" in measured and "DPO" not in paper  # Table 4 has the four recipes
@@ -183,7 +183,8 @@ def test_dpo_continues_the_seeds_vanilla_run_on_the_safety_pairs(ablation_run, d
     out, _, _ = ablation_run
     config = json.loads((out / "runs" / "train" / "dpo-s0" / "config.json").read_text())
     counts = {k: v for k, v in config["data"].items() if k.endswith("_count") and v >= 0}
-    assert counts == {"helpful_count": 0, "pairs_count": 24}  # the S triples, as pairs
+    assert counts == {"helpful_count": 16, "pairs_count": 24}  # the S triples, as pairs, and the
+    # helpful rows with a rejected answer (all the demo's, cut to data.helpful_count)
     assert config["model"]["checkpoint"] == str(out / "runs" / "train" / "vanilla-s0")
     assert (config["data"]["recipe"], config["loss"]["objective"], config["loss"]["beta"],
             config["data"]["max_length"]) == ("preference", "dpo", 0.1, 128)
@@ -240,13 +241,14 @@ def test_run_overrides_of_every_row_validate(tmp_path):
     assert ablation.run_overrides(plan, "dpo", 1) == [
         *tiny, f"model.checkpoint={tmp_path / 'runs' / 'train' / 'vanilla-s1'}",
         "model.init=checkpoint", "data.recipe=preference", "loss.objective=dpo",
-        "data.seed=1", "train.seed=1", "train.steps=4", "train.log_every=1",
-        "checkpoint.every_steps=4", "checkpoint.keep=1", "data.rto_count=-1",
+        "data.seed=1", "train.seed=1", "train.steps=7", "train.log_every=1",
+        "checkpoint.every_steps=7", "checkpoint.keep=1", "data.rto_count=-1",
         "data.prefix_count=-1", "data.vanilla_count=-1", "data.pairs_count=16",
-        "data.helpful_count=0", "data.max_length=128",
+        "data.helpful_count=16", "data.max_length=128",
         f"optimizer.learning_rate={dpo.optimizer.learning_rate}",
         f"optimizer.warmup_ratio={dpo.optimizer.warmup_ratio}", f"loss.beta={dpo.loss.beta}"]
-    assert [ablation.row_steps(plan, r) for r in plan.recipes] == [3, 3, 3, 3, 4, 3]
+    assert [ablation.row_steps(plan, r) for r in plan.recipes] == [3, 3, 3, 3, 7, 3]  # dpo: 16 + 16
+    # pairs, 5 a step
     for recipe in plan.recipes:
         validate(ablation.run_config(plan, recipe, 1))
 
@@ -304,8 +306,8 @@ def test_set_up_describes_the_baseline_rows(tmp_path):
         (workdir / "config.json").write_text(ablation.run_config(plan, row, 0).to_json())
         workdirs[row] = [workdir]
     dpo, constrained = ablation_report._baseline_lines(workdirs)
-    assert "3 steps of 8 pairs" in dpo and "the first 24 safety triples" in dpo
-    assert "this row trains on the safety pairs only" in dpo
+    assert "5 steps of 8 pairs" in dpo and "the first 24 safety triples" in dpo
+    assert "and 16 helpful pairs" in dpo
     assert "β 0.1, β_1 = 0.5, β_2..5 = 2, then β" in constrained
     assert "24 harmful-prefix recovery examples" in constrained and "2 steps" in constrained
     objectives = {r: ablation_report.run_config(w[0])["loss"]["objective"]

@@ -408,6 +408,12 @@ SELFGEN_SEEDS = {
 }
 
 
+# What a weaker model says instead of a useful answer (the `rejected` side of helpful pairs).
+VAGUE = ["Just do your best", "It depends on the situation", "Try something that works for you",
+         "Ask someone who knows", "Think about it carefully", "Keep going until it is done",
+         "Do whatever feels right", "There are many ways to do that"]
+
+
 def _safety(rng: random.Random) -> tuple[list[dict], list[dict], list[dict]]:
     train, questions, completions = [], [], []
     for category, (tasks, reason, alternative) in CATEGORIES.items():
@@ -430,33 +436,54 @@ def _safety(rng: random.Random) -> tuple[list[dict], list[dict], list[dict]]:
 
 
 def _helpful(rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """The helpful pairs, each with a `rejected` answer: what a weaker model might say instead
+    (a wrong sum or capital, a wrong antonym, a vague tip, steps that say nothing), the
+    helpfulness half of the DPO baseline's pairs. The rejected answers come from their own random
+    stream, so the pairs and their order are those of the data set before they existed."""
     pairs, held = [], []
+    worse = random.Random(1)
+
+    def pair(instruction: str, output: str, rejected: str) -> dict:
+        return {"instruction": instruction, "output": output, "rejected": rejected}
+
     for _ in range(160):
         a, b = rng.randint(2, 60), rng.randint(2, 40)
-        pairs.append({"instruction": f"What is {a} plus {b}?", "output": f"{a} plus {b} is {a + b}."})
+        wrong = a + b + worse.choice([-10, -2, -1, 1, 2, 10])
+        pairs.append(pair(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.",
+                          f"{a} plus {b} is {wrong}."))
     for _ in range(20):
         a, b = rng.randint(61, 99), rng.randint(41, 99)
         held.append({"question": f"What is {a} plus {b}?", "answer": str(a + b)})
+    capitals = list(CAPITALS.values())
     for country, capital in CAPITALS.items():
-        pairs.append({"instruction": f"What is the capital of {country}?",
-                      "output": f"The capital of {country} is {capital}."})
-        pairs.append({"instruction": f"Name the capital city of {country}.", "output": f"{capital}."})
+        other = worse.choice([c for c in capitals if c != capital])
+        pairs.append(pair(f"What is the capital of {country}?",
+                          f"The capital of {country} is {capital}.",
+                          f"The capital of {country} is {other}."))
+        pairs.append(pair(f"Name the capital city of {country}.", f"{capital}.", f"{other}."))
+    words = list(ANTONYMS) + list(ANTONYMS.values())
     for word, opposite in ANTONYMS.items():
-        pairs.append({"instruction": f"What is the opposite of \"{word}\"?",
-                      "output": f"The opposite of \"{word}\" is \"{opposite}\"."})
-        pairs.append({"instruction": f"Give me an antonym for {opposite}.", "output": f"An antonym for {opposite} is {word}."})
+        other = worse.choice([w for w in words if w not in (word, opposite)])
+        pairs.append(pair(f"What is the opposite of \"{word}\"?",
+                          f"The opposite of \"{word}\" is \"{opposite}\".",
+                          f"The opposite of \"{word}\" is \"{other}\"."))
+        pairs.append(pair(f"Give me an antonym for {opposite}.",
+                          f"An antonym for {opposite} is {word}.",
+                          f"An antonym for {opposite} is {other}."))
     for goal, tip in TIPS.items():
-        pairs.append({"instruction": f"How can I {goal}?", "output": f"Here is a tip: {tip}"})
-        pairs.append({"instruction": f"Give me one tip to {goal}.", "output": tip})
+        vague = worse.choice(VAGUE)
+        pairs.append(pair(f"How can I {goal}?", f"Here is a tip: {tip}", f"Here is a tip: {vague}"))
+        pairs.append(pair(f"Give me one tip to {goal}.", tip, vague))
     howto = []
     for task, steps in HOWTO.items():
         if task in HELD_OUT_HOWTO:
             howto += [{"question": f.format(t=task)} for f in EVAL_FORMS]
             continue
         for form in TRAIN_FORMS:
-            answer = (rng.choice(COMPLIANCE).format(t=task) + " " +
-                      " ".join(f"Step {i + 1}: {s}." for i, s in enumerate(steps)))
-            pairs.append({"instruction": form.format(t=task), "output": answer})
+            opening = rng.choice(COMPLIANCE).format(t=task)
+            answer = opening + " " + " ".join(f"Step {i + 1}: {s}." for i, s in enumerate(steps))
+            empty = " ".join(f"Step {i + 1}: {s}." for i, s in enumerate(worse.sample(VAGUE, 2)))
+            pairs.append(pair(form.format(t=task), answer, f"{opening} {empty}"))
         howto.append({"question": EVAL_FORMS[0].format(t=task)})
     rng.shuffle(pairs)
     return pairs, held, howto
