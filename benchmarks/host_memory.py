@@ -12,6 +12,9 @@ a time), then for each loader starts `--processes` processes on 127.0.0.1 (`jax.
             (`setup.init`), as a training start does
     eval    evaluation/loading.py load_eval_model (eval, generate: `Checkpoint.on_devices`),
             weights then tokenizer
+    workdir the train loader again, from the training checkpoint (weights and Adam moments,
+            saved sharded by the train processes through training/checkpointing.py), as the
+            DPO baseline starts from a vanilla run
 
 Each process reports its peak RSS (VmHWM) above its RSS after the imports and the distributed
 start-up (the baseline): once the weights are placed, against the bytes of the weights' shards
@@ -33,6 +36,9 @@ import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT.parent / "shared" / "fixtures" / "llama3-tokenizer"
+
+
+LOADERS = ("train", "eval", "workdir")
 
 
 def rss_kib(field: str) -> int:
@@ -69,7 +75,7 @@ def worker(args: argparse.Namespace) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(args.coordinator, num_processes=args.processes,
                                process_id=args.process_id)
-    from derta_jax.checkpoints import model_dir
+    from derta_jax.checkpoints import model_dir, resolve
     from derta_jax.evaluation import loading
     from derta_jax.training import config as config_lib
     from derta_jax.training import loop
@@ -86,10 +92,10 @@ def worker(args: argparse.Namespace) -> None:
     config.model.scan_layers = True
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
     run = config_lib.parse(config)
-    cfg = run.model_config(model_dir.load_config(args.model))
+    cfg = run.model_config(resolve.resolve_checkpoint(args.model).cfg)
     mesh = shd.make_mesh(run.mesh)
     baseline = rss_kib("VmRSS")
-    if args.worker == "train":
+    if args.worker in ("train", "workdir"):
         setup = step_lib.build(step_lib.StepConfig(cfg, run.loss, run.optimizer), mesh, 10)
         params = jax.block_until_ready(loop.load_params(run, cfg, setup.shardings["params"]))
         weights_peak, weights = rss_kib("VmHWM"), mb(params)
@@ -111,6 +117,15 @@ def worker(args: argparse.Namespace) -> None:
                       "weights_mb": weights, "weights_peak_mb": (weights_peak - baseline) / 1024,
                       "share_mb": mb(loaded), "peak_mb": (rss_kib("VmHWM") - baseline) / 1024}),
           flush=True)
+    if args.save_to:  # the state as a training run saves it: what the `workdir` loader reads
+        import grain
+        from derta_jax.training import checkpointing
+        if jax.process_index() == 0:
+            model_dir.save_model_dir(args.save_to / "model", cfg, None, None)
+        mngr = checkpointing.make_manager(args.save_to, keep=1, async_save=False)
+        checkpointing.save(mngr, 1, loaded, iter(grain.MapDataset.range(2).to_iter_dataset()))
+        checkpointing.wait(mngr)
+        mngr.close()
     jax.distributed.shutdown()
 
 
@@ -120,21 +135,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: argparse.Namespace, loader: str, model: pathlib.Path) -> list[dict]:
+def launch(args: argparse.Namespace, loader: str, model: pathlib.Path,
+           save_to: pathlib.Path | None = None) -> list[dict]:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
                XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}")
     port = free_port()
     procs = [subprocess.Popen(
         [sys.executable, "-m", "benchmarks.host_memory", "--worker", loader, "--model",
          str(model), "--coordinator", f"127.0.0.1:{port}", "--processes", str(args.processes),
-         "--process-id", str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+         "--process-id", str(i), *(["--save-to", str(save_to)] if save_to else [])],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True) for i in range(args.processes)]
     rows = []
     for p in procs:
         out, err = p.communicate(timeout=1800)
         if p.returncode != 0:
             raise RuntimeError(f"{loader} process failed:\n{err[-3000:]}")
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+        rows.append(json.loads(next(line for line in out.splitlines()
+                                    if line.startswith('{"process"'))))
     return rows
 
 
@@ -146,7 +164,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--processes", type=int, default=4)
     p.add_argument("--devices", type=int, default=2, help="CPU devices per process")
-    p.add_argument("--worker", choices=("train", "eval"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=LOADERS, help=argparse.SUPPRESS)
+    p.add_argument("--save-to", type=pathlib.Path, help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--coordinator", help=argparse.SUPPRESS)
     p.add_argument("--process-id", type=int, help=argparse.SUPPRESS)
@@ -167,13 +186,16 @@ def main() -> None:
         on_disk = sum(f.stat().st_size for f in model.rglob("*") if f.is_file()) / 2**20
         print(f"model dir: {on_disk:.0f} MB on disk; {args.processes} processes x "
               f"{args.devices} devices, mesh 1 x {args.processes * args.devices} x 1")
-        for loader in ("train", "eval"):
-            for row in launch(args, loader, model):
-                print(f"{loader:5s} process {row['process']}: its weights {row['weights_mb']:.0f} "
+        workdir = pathlib.Path(tmp) / "workdir"
+        for loader in LOADERS:
+            rows = launch(args, loader, workdir if loader == "workdir" else model,
+                          workdir if loader == "train" else None)
+            for row in rows:
+                print(f"{loader:7s} process {row['process']}: its weights {row['weights_mb']:.0f} "
                       f"MB of {row['model_mb']:.0f} MB, peak {row['weights_peak_mb']:.0f} MB "
                       f"({row['weights_peak_mb'] / row['weights_mb']:.2f}x); then "
                       + (f"the optimizer state: its shards {row['share_mb']:.0f} MB in all"
-                         if loader == "train" else "the tokenizer")
+                         if loader != "eval" else "the tokenizer")
                       + f", peak {row['peak_mb']:.0f} MB ({row['peak_mb'] / row['share_mb']:.2f}x)")
 
 if __name__ == "__main__":
