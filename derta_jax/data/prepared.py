@@ -58,11 +58,21 @@ def examples(d: Any, tokenizer: Any) -> "PreparedExamples":
     """The examples of data config `d` (training's DataConfig), prepared into data.data_dir the
     first time, opened (and their build log replayed) every time."""
     folder = pathlib.Path(d.data_dir or default_data_dir()).expanduser() / SUBDIR / key(d, tokenizer)
-    prepared_here = jax.process_index() == 0 and not _complete(folder)
+    prepared_here, failed = jax.process_index() == 0 and not _complete(folder), None
     if prepared_here:
-        _prepare(d, tokenizer, folder)
+        try:
+            _prepare(d, tokenizer, folder)
+        except Exception as e:  # a bad source: every process stops, none waits for process 0
+            if jax.process_count() == 1:
+                raise
+            failed = e
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f"prepared examples {folder.name}")
+        ok = multihost_utils.process_allgather(np.array(failed is None))  # also the barrier
+        if failed is not None:
+            raise failed
+        if not np.all(ok):
+            raise ValueError("process 0 could not prepare the training examples (its log says "
+                             "why)")
         if not prepared_here and not _complete(folder):
             log.warning("%s is not visible from process %d (data.data_dir is not shared by every "
                         "host): preparing this host's own copy", folder, jax.process_index())
@@ -118,16 +128,21 @@ def _prepare(d: Any, tokenizer: Any, folder: pathlib.Path) -> None:
     tmp.mkdir(parents=True)
     writer = array_record_module.ArrayRecordWriter(str(tmp / RECORDS), "group_size:1")
     tables, stats = [], BuildStats()
-    with _captured_logs() as lines:
-        for chunk in pipeline.tokenised_chunks(
-                stats, tokenizer, recipe=d.recipe, safety=d.source("safety"),
-                helpful=d.source("helpful"), max_length=d.max_length,
-                refusal_token=d.refusal_token, template=d.template, cut=d.cut, seed=d.seed,
-                skip_invalid=d.skip_invalid, eos_text=d.eos_text,
-                assistant_turns=d.assistant_turns, **d.counts()):
-            for ex in chunk:
-                writer.write(encode(ex))
-            tables.append(loader.table_of(chunk))
+    try:
+        with _captured_logs() as lines:
+            for chunk in pipeline.tokenised_chunks(
+                    stats, tokenizer, recipe=d.recipe, safety=d.source("safety"),
+                    helpful=d.source("helpful"), max_length=d.max_length,
+                    refusal_token=d.refusal_token, template=d.template, cut=d.cut, seed=d.seed,
+                    skip_invalid=d.skip_invalid, eos_text=d.eos_text,
+                    assistant_turns=d.assistant_turns, **d.counts()):
+                for ex in chunk:
+                    writer.write(encode(ex))
+                tables.append(loader.table_of(chunk))
+    except BaseException:
+        writer.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     writer.close()
     np.savez(tmp / INDEX, **{name: np.concatenate([t[name] for t in tables] or [np.zeros(0)])
                              .astype(np.int32) for name in loader.TABLE})

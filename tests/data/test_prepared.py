@@ -131,12 +131,42 @@ def test_a_host_that_does_not_see_process_0s_folder_prepares_its_own(tmp_path, l
     """Process 1 of 2 with a data_dir that is not shared: after the barrier it finds nothing,
     says so, and prepares the same examples itself."""
     synced = []
+
+    def allgather(ok):  # process 0 said it prepared them (somewhere this host cannot see)
+        synced.append(ok)
+        return np.array([True, ok])
+
     monkeypatch.setattr(prepared.jax, "process_index", lambda: 1)
     monkeypatch.setattr(prepared.jax, "process_count", lambda: 2)
-    monkeypatch.setattr(prepared.multihost_utils, "sync_global_devices", synced.append)
+    monkeypatch.setattr(prepared.multihost_utils, "process_allgather", allgather)
     d = data_config(tmp_path)
     with caplog.at_level(logging.WARNING):
         got = prepared.examples(d, llama3)
     assert len(synced) == 1
     assert any("not visible from process 1" in r.getMessage() for r in caplog.records)
     assert_same(got, fresh(d, llama3))
+
+
+def test_a_bad_source_stops_every_process_and_leaves_nothing_behind(tmp_path, llama3,
+                                                                    monkeypatch):
+    """Process 0 of 2 fails on a bad row: it still joins the other processes (which then stop
+    too, none waiting for it), raises the row's error and leaves no half-written folder."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "What is 2 plus 2?"}\n')  # no output
+    gathered = []
+
+    def allgather(ok):
+        gathered.append(bool(ok))
+        return np.array([ok, True])
+
+    monkeypatch.setattr(prepared.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(prepared.multihost_utils, "process_allgather", allgather)
+    with pytest.raises(ValueError, match="bad.jsonl"):
+        prepared.examples(data_config(tmp_path, helpful=str(bad)), llama3)
+    assert gathered == [False]
+    assert not list((tmp_path / "data" / prepared.SUBDIR).iterdir())
+    monkeypatch.setattr(prepared.jax, "process_index", lambda: 1)
+    monkeypatch.setattr(prepared.multihost_utils, "process_allgather",
+                        lambda ok: np.array([False, ok]))
+    with pytest.raises(ValueError, match="process 0 could not prepare"):
+        prepared.examples(data_config(tmp_path, helpful=str(bad)), llama3)
