@@ -125,9 +125,10 @@ def test_smollm2_default_is_the_derta_demo():
 
 
 def test_smollm2_dpo_sees_the_vanilla_models_safety_triples_one_epoch():
-    """The DPO variant's pairs are the 100 triples the vanilla variant was tuned on, safe chosen
-    and harmful rejected; the demo helpful data has no `rejected` answers, so there are no helpful
-    pairs: ceil(100 / 24) = 5 steps of 24 pairs."""
+    """The DPO variant's pairs: the 560 hand-written helpful pairs (their answer chosen, their
+    weaker `rejected` answer rejected), then the 100 triples the vanilla variant was tuned on,
+    safe chosen and harmful rejected: ceil(660 / 24) = 28 steps of 24 pairs."""
+    import json
     from derta_jax.data import pipeline
     from derta_jax.training import config as config_lib
     runs = {v: config_lib.parse(parse(f"--config={ROOT / 'configs' / f'smollm2.py:{v}'}"))
@@ -138,9 +139,13 @@ def test_smollm2_dpo_sees_the_vanilla_models_safety_triples_one_epoch():
         return pipeline.mixture_records(d.recipe, d.source("safety"), pipeline.DEMO_HELPFUL,
                                         **d.counts())
 
-    pairs, seen = records("dpo"), records("vanilla")[560:]  # vanilla: helpful first
+    all_pairs, vanilla = records("dpo"), records("vanilla")
+    helpful, pairs, seen = all_pairs[:560], all_pairs[560:], vanilla[560:]  # helpful first
     assert len(pairs) == len(seen) == 100
     assert [p.prefix for p in pairs] == [r.prefix for r in seen]
     assert [p.chosen for p in pairs] == [r.text for r in seen]  # the safe responses
-    assert all(p.rejected != p.chosen for p in pairs)
-    assert -(-len(pairs) // runs["dpo"].train.batch_size) == 5
+    assert all(p.rejected != p.chosen for p in all_pairs)
+    rows = [json.loads(line) for line in pipeline.DEMO_HELPFUL.read_text().splitlines()]
+    assert [p.chosen for p in helpful] == [r.text for r in vanilla[:560]]
+    assert all(r["rejected"] in p.rejected for p, r in zip(helpful, rows, strict=True))
+    assert -(-len(all_pairs) // runs["dpo"].train.batch_size) == 28
