@@ -76,8 +76,8 @@ def main() -> None:
     print(f"SmolLM2-135M float32, greedy, {args.new_tokens} new tokens per row; jax {jax.__version__} "
           f"on {jax.devices()[0].platform}, torch {torch.__version__} with {torch.get_num_threads()} threads, "
           f"{common.machine()}")
-    print(f"| batch | ours tok/s | transformers tok/s | ours / transformers | ours compile s |")
-    print(f"| ---: | ---: | ---: | ---: | ---: |")
+    print("| batch | ours tok/s | transformers tok/s | ours / transformers | ours compile s |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
     for b in (int(x) for x in args.batches.split(",")):
         prompts = _prompts(tokenizer, b)
         ours, first = time_ours(cfg, params, prompts, args.new_tokens)

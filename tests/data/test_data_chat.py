@@ -2,7 +2,6 @@
 import json
 
 import datasets
-import numpy as np
 import pytest
 
 from derta_jax.data import pipeline, records, recipe, templates

@@ -1,5 +1,4 @@
 """perf: FLOPs per token against the formula written out, and the peak as the fastest matmul."""
-import itertools
 
 from derta_jax.models.config import ModelConfig
 from derta_jax.training import perf

@@ -163,7 +163,7 @@ def test_a_diverging_step_is_never_saved_then_skip_continues(base_copy, monkeypa
     with pytest.raises(loop.Diverged) as e:
         loop.train(tiny_config(6, **{**BASE, "checkpoint__every_steps": 1}), base_copy)
     examples = loader_lib.step_examples(64, 4, 0, 4)[0]
-    assert f"step 5 is not finite (loss=1" in str(e.value) and "norm/grad=nan" in str(e.value)
+    assert "step 5 is not finite (loss=1" in str(e.value) and "norm/grad=nan" in str(e.value)
     assert f"examples {', '.join(map(str, examples))} (indices" in str(e.value)
     assert "the last checkpoint is step 4" in str(e.value)
     assert _names(base_copy) == ["2", "4"]
