@@ -114,8 +114,7 @@ class Checkpoint:
         leading axis, as a jax.Array on `sharding`: each of this process's shards is filled
         layer by layer from that layer's slice, so no host ever holds more of the stack than its
         devices' shards."""
-        stored = self.params[paths[0]]
-        shape = (len(paths),) + stored.shape
+        shape = (len(paths),) + self.params[paths[0]].shape
 
         def read(index: tuple[slice, ...]) -> np.ndarray:
             layers = range(len(paths))[index[0]]

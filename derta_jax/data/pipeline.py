@@ -65,19 +65,12 @@ def mixture_records(recipe: str, safety: Source | str | os.PathLike,
                          **counts)
 
 
-def training_examples(tokenizer: Any, recipe: str = "derta",
-                      safety: Source | str | os.PathLike = DEMO_SAFETY,
-                      helpful: Source | str | os.PathLike = DEMO_HELPFUL, max_length: int = 1024,
-                      refusal_token: str = DEFAULT_REFUSAL, template: str = "base",
-                      cut: str = "word", seed: int = 0, add_bos: bool | None = None,
-                      skip_invalid: bool = False, eos_text: str = OFFICIAL_EOS,
-                      assistant_turns: str = "all", **counts: int | None
+def training_examples(tokenizer: Any, recipe: str = "derta", **options: Any
                       ) -> tuple[list[TokenizedExample], BuildStats]:
-    """Sources -> tokenised examples ready for the loader, and the build counts."""
+    """Sources -> tokenised examples ready for the loader, and the build counts. `options`:
+    those of `tokenised_chunks` (sources, max_length, template, cut, seed, counts, ...)."""
     stats, examples = BuildStats(), []
-    for chunk in tokenised_chunks(stats, tokenizer, recipe, safety, helpful, max_length,
-                                  refusal_token, template, cut, seed, add_bos, skip_invalid,
-                                  eos_text, assistant_turns, **counts):
+    for chunk in tokenised_chunks(stats, tokenizer, recipe, **options):
         examples.extend(chunk)
     return examples, stats
 

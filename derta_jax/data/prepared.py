@@ -83,6 +83,14 @@ def examples(d: Any, tokenizer: Any) -> "PreparedExamples":
     return PreparedExamples(folder)
 
 
+def options(d: Any) -> dict[str, Any]:
+    """The `pipeline.tokenised_chunks` / `training_examples` keywords of data config `d`."""
+    return dict(recipe=d.recipe, safety=d.source("safety"), helpful=d.source("helpful"),
+                max_length=d.max_length, refusal_token=d.refusal_token, template=d.template,
+                cut=d.cut, seed=d.seed, skip_invalid=d.skip_invalid, eos_text=d.eos_text,
+                assistant_turns=d.assistant_turns, **d.counts())
+
+
 def key(d: Any, tokenizer: Any) -> str:
     """The prepared folder's name: a hash of everything the examples depend on."""
     parts = {"format": FORMAT, "data": {k: getattr(d, k) for k in _KEYS},
@@ -93,7 +101,7 @@ def key(d: Any, tokenizer: Any) -> str:
 
 def _source_digest(source: Any) -> dict[str, Any]:
     files = []
-    for part in (p.strip() for p in source.path.split(",") if p.strip()):
+    for part in source.parts():
         path = pathlib.Path(part).expanduser()
         found = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else \
             [path] if path.is_file() else []
@@ -125,17 +133,16 @@ def _prepare(d: Any, tokenizer: Any, folder: pathlib.Path) -> None:
     """Tokenises `d`'s examples into `folder` (a temporary folder renamed into place)."""
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise ValueError(f"cannot prepare examples in data.data_dir {folder.parent.parent}: "
+                         f"{e.strerror or e}") from None
     writer = array_record_module.ArrayRecordWriter(str(tmp / RECORDS), "group_size:1")
     tables, stats = [], BuildStats()
     try:
         with _captured_logs() as lines:
-            for chunk in pipeline.tokenised_chunks(
-                    stats, tokenizer, recipe=d.recipe, safety=d.source("safety"),
-                    helpful=d.source("helpful"), max_length=d.max_length,
-                    refusal_token=d.refusal_token, template=d.template, cut=d.cut, seed=d.seed,
-                    skip_invalid=d.skip_invalid, eos_text=d.eos_text,
-                    assistant_turns=d.assistant_turns, **d.counts()):
+            for chunk in pipeline.tokenised_chunks(stats, tokenizer, **options(d)):
                 for ex in chunk:
                     writer.write(encode(ex))
                 tables.append(loader.table_of(chunk))

@@ -70,6 +70,10 @@ class Source:
     def __post_init__(self):
         object.__setattr__(self, "path", os.fspath(self.path))
 
+    def parts(self) -> list[str]:
+        """The sources a comma-separated path names, in order."""
+        return [p.strip() for p in self.path.split(",") if p.strip()]
+
 
 def parse_columns(spec: str, kind: str) -> dict[str, str]:
     """`"field=column,..."` -> {field: column}; every field must be one of `kind`'s."""
@@ -203,7 +207,7 @@ def read_rows(source: Source | str | os.PathLike, kind: str, skip_invalid: bool 
     with commas is several sources read in turn (same split, revision and columns)."""
     if not isinstance(source, Source):
         source = Source(source)
-    parts = [p.strip() for p in source.path.split(",") if p.strip()]
+    parts = source.parts()
     if len(parts) > 1:
         rows, report = [], ReadReport(source.path)
         for part in parts:

@@ -3,13 +3,14 @@ read back equal to a fresh build, by random access, with the build's log replaye
 import dataclasses
 import json
 import logging
+import re
 import shutil
 
 import numpy as np
 import pytest
 
 from derta_jax.data import loader, pipeline, prepared
-from derta_jax.data.tokenize import TokenizedExample
+from derta_jax.data.tokenize import BuildStats, TokenizedExample
 from derta_jax.training import config as config_lib
 
 
@@ -20,11 +21,7 @@ def data_config(tmp_path, **changes):
 
 
 def fresh(d, tokenizer):
-    return pipeline.training_examples(
-        tokenizer, recipe=d.recipe, safety=d.source("safety"), helpful=d.source("helpful"),
-        max_length=d.max_length, refusal_token=d.refusal_token, template=d.template, cut=d.cut,
-        seed=d.seed, skip_invalid=d.skip_invalid, eos_text=d.eos_text,
-        assistant_turns=d.assistant_turns, **d.counts())[0]
+    return pipeline.training_examples(tokenizer, **prepared.options(d))[0]
 
 
 def assert_same(got, want):
@@ -170,3 +167,23 @@ def test_a_bad_source_stops_every_process_and_leaves_nothing_behind(tmp_path, ll
                         lambda ok: np.array([False, ok]))
     with pytest.raises(ValueError, match="process 0 could not prepare"):
         prepared.examples(data_config(tmp_path, helpful=str(bad)), llama3)
+
+
+def test_tokenising_in_chunks_gives_the_same_examples_and_counts(tmp_path, llama3):
+    """Preparation tokenises CHUNK records at a time: any chunk size gives what one chunk does."""
+    d = data_config(tmp_path, cut="token")
+    whole, stats = pipeline.training_examples(llama3, **prepared.options(d))
+    parts, chunked = [], BuildStats()
+    for chunk in pipeline.tokenised_chunks(chunked, llama3, chunk_size=7, **prepared.options(d)):
+        assert len(chunk) <= 7
+        parts.extend(chunk)
+    assert_same(parts, whole)
+    assert chunked == stats and stats.examples == len(whole) > 7
+
+
+def test_a_data_dir_that_cannot_hold_folders_is_one_error_naming_it(tmp_path, llama3):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with pytest.raises(ValueError, match=f"cannot prepare examples in data.data_dir "
+                                         f"{re.escape(str(not_a_folder))}: "):
+        prepared.examples(data_config(tmp_path, data_dir=str(not_a_folder)), llama3)
