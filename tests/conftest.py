@@ -137,3 +137,12 @@ def run_module(module: str, *args: str, cwd=None) -> subprocess.CompletedProcess
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True,
                           text=True, env={**os.environ, "JAX_PLATFORMS": "cpu",
                                           "PYTHONPATH": str(ROOT)}, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def bucket() -> str:
+    """A fake gs:// bucket (tests/fake_bucket.py) for the whole session; tests write under their
+    own prefix."""
+    from tests.fake_bucket import fake_bucket
+    with fake_bucket() as url:
+        yield url

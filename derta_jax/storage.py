@@ -1,0 +1,116 @@
+"""Where files live: local paths and bucket URLs (gs://, s3://) behind one path type.
+
+Every path a user gives (model dirs, workdirs, data files, data_dir, eval outputs, export folders)
+goes through `path()`, which returns an `etils.epath.Path`: local paths through os, URLs through
+fsspec (gcsfs for gs://). Orbax and tensorstore take the same URLs natively, so checkpoints and
+model dirs are read and written in the bucket directly. The libraries that only open local files
+(safetensors' and GGUF's memory maps, tokenizers, array_record, `datasets`) get `local_copy()`; the
+ones that only write local folders write into `staged()`, which is copied up when they are done.
+Objects in a bucket cannot be appended to: `append_text` rewrites them.
+
+Credentials are the libraries' own (Application Default Credentials on a TPU VM). Tests point
+gcsfs and tensorstore at a local fake bucket (tests/fake_bucket.py).
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+from typing import Iterator
+
+from etils import epath
+
+PathLike = str | os.PathLike
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def is_url(p: PathLike) -> bool:
+    """True for a bucket URL (`gs://bucket/dir`), false for a local path."""
+    return bool(_URL.match(os.fspath(p)))
+
+
+def path(p: PathLike) -> epath.Path:
+    """The path `p` names: a URL as it is, a local path with `~` expanded and made absolute."""
+    s = os.fspath(p)
+    return epath.Path(s) if is_url(s) else epath.Path(os.path.abspath(os.path.expanduser(s)))
+
+
+def _fs(url: str):
+    import fsspec  # with gcsfs for gs:// (requirements.txt)
+    return fsspec.core.url_to_fs(url)
+
+
+_TEMP: list[str] = []
+
+
+def _temp_dir() -> pathlib.Path:
+    if not _TEMP:
+        _TEMP.append(tempfile.mkdtemp(prefix="derta_jax-"))
+        atexit.register(shutil.rmtree, _TEMP[0], True)
+    return pathlib.Path(tempfile.mkdtemp(dir=_TEMP[0]))
+
+
+def local_copy(p: PathLike) -> pathlib.Path:
+    """A local path with the contents of `p` (a file or a folder): `p` itself when it is local,
+    otherwise a copy downloaded into a temporary folder removed when the process exits."""
+    if not is_url(p):
+        return pathlib.Path(path(p))
+    url = os.fspath(p).rstrip("/")
+    fs, root = _fs(url)
+    if not fs.exists(root):
+        raise FileNotFoundError(f"{url}: no such file or folder")
+    dest = _temp_dir() / (url.rsplit("/", 1)[-1] or "root")
+    if fs.isdir(root):
+        files = fs.find(root)
+        for f in files:
+            target = dest / f[len(root):].lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(f, str(target))
+        dest.mkdir(exist_ok=True)
+    else:
+        fs.get_file(root, str(dest))
+    return dest
+
+
+def upload(local: PathLike, dest: PathLike) -> None:
+    """Copy a local file or folder (its files, recursively) to `dest`, a URL or a local path."""
+    local = pathlib.Path(local)
+    target = path(dest)
+    files = [local] if local.is_file() else sorted(f for f in local.rglob("*") if f.is_file())
+    for f in files:
+        to = target if f == local else target / f.relative_to(local).as_posix()
+        if not is_url(to):
+            to.parent.mkdir(parents=True, exist_ok=True)
+        with open(f, "rb") as src, to.open("wb") as out:
+            shutil.copyfileobj(src, out, 16 << 20)
+
+
+@contextlib.contextmanager
+def staged(dest: PathLike) -> Iterator[pathlib.Path]:
+    """A local folder to write `dest`'s files into: `dest` itself when it is local, otherwise a
+    temporary folder whose files are copied into `dest` when the block ends without an error."""
+    if not is_url(dest):
+        local = pathlib.Path(path(dest))
+        local.mkdir(parents=True, exist_ok=True)
+        yield local
+        return
+    local = _temp_dir()
+    try:
+        yield local
+        upload(local, dest)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def append_text(p: epath.Path, text: str) -> None:
+    """Append to a text file; a bucket object is rewritten whole (objects have no append)."""
+    if is_url(p):
+        before = p.read_text(encoding="utf-8") if p.exists() else ""
+        p.write_text(before + text, encoding="utf-8")
+    else:
+        with p.open("a", encoding="utf-8") as f:
+            f.write(text)
