@@ -27,17 +27,20 @@ skipped. A training workdir is read at its latest step (or --step), LoRA adapter
 mesh's data axis). `judge` re-judges saved answers (eval's output, or any JSON lines with question
 and response) without a model and writes the same files into its --out. `compare` writes
 `compare.md`, `compare.json` and `compare.png`.
+
+Every path (--checkpoint, --tests, --out, --answers, --tokenizer, compare's run dirs, a judge's
+phrase file or classifier) is a local path or a bucket URL (`gs://bucket/eval/run`); resuming
+into a bucket --out keeps the answers already there (`storage.append_text`).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import sys
 import time
 from typing import Any
 
-from derta_jax import cli
+from derta_jax import cli, storage
 from derta_jax.checkpoints.model_dir import load_tokenizer
 from derta_jax.checkpoints.resolve import resolve_checkpoint
 from derta_jax.evaluation import judges as judges_lib
@@ -51,13 +54,13 @@ _ANSWER_SETTINGS = ("checkpoint", "step", "chat", "max_new_tokens", "temperature
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = cli.ArgumentParser(prog="python -m derta_jax.eval", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, type=pathlib.Path,
+    p.add_argument("--checkpoint", required=True,
                    help="a model dir, or a training workdir (latest step unless --step)")
     p.add_argument("--step", type=int, default=None,
                    help="training workdir step to evaluate (default: the latest)")
     p.add_argument("--tests", required=True,
                    help="comma-separated test files (JSON lines or a JSON array)")
-    p.add_argument("--out", required=True, type=pathlib.Path, help="output directory")
+    p.add_argument("--out", required=True, help="output directory")
     _add_kind(p, "--tests")
     p.add_argument("--max-new-tokens", type=int, default=1024)
     p.add_argument("--limit", type=int, default=None, help="first N examples of each set")
@@ -127,9 +130,10 @@ def _make_judges(specs: list[str], tokenizer: Any, batch_size: int,
     return [judges_lib.make_judge(s, tokenizer, batch_size, load_model=load) for s in specs]
 
 
-def _load_run(out: pathlib.Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """run.json of the out dir; refuses to mix answers made with other settings."""
-    path = out / RUN_FILE
+def _load_run(out: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """run.json of the out dir (`--out` as given); refuses to mix answers made with other
+    settings."""
+    path = storage.path(out) / RUN_FILE
     if not path.exists():
         return {**settings, "sets": {}}
     run = json.loads(path.read_text())
@@ -148,10 +152,11 @@ def evaluate(argv: list[str]) -> dict[str, Any]:
     tasks.check_distinct_sets([(ts.name, ts.path) for ts in test_sets])
     specs = _judge_specs(args)
     ckpt = resolve_checkpoint(args.checkpoint, args.step)
-    settings = {"checkpoint": str(args.checkpoint.absolute()), "step": ckpt.step, "chat": args.chat,
-                "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                "top_p": args.top_p, "seed": args.seed}
-    args.out.mkdir(parents=True, exist_ok=True)
+    settings = {"checkpoint": str(storage.path(args.checkpoint)), "step": ckpt.step,
+                "chat": args.chat, "max_new_tokens": args.max_new_tokens,
+                "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    out = storage.path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     run = _load_run(args.out, settings)
     mesh = loading.parse_mesh(args.mesh)
     model = loading.load_eval_model(ckpt, args.dtype, mesh)
@@ -160,23 +165,25 @@ def evaluate(argv: list[str]) -> dict[str, Any]:
                                    chat=args.chat, temperature=args.temperature,
                                    top_p=args.top_p, seed=args.seed)
     for ts in test_sets:
-        before = len(runner.read_output(runner.output_path(args.out, ts)))
+        before = len(runner.read_output(runner.output_path(out, ts)))
         start = time.perf_counter()
-        rows = runner.run_set(ts, model, args.out, judges, options, progress=not args.no_progress)
+        rows = runner.run_set(ts, model, out, judges, options, progress=not args.no_progress)
         seconds = time.perf_counter() - start
         run["sets"][ts.name] = {"kind": ts.kind, "path": ts.path, "answered_now": len(rows) - before,
                                 "seconds": round(seconds, 2)}
         if len(rows) > before:
             run["sets"][ts.name]["answers_per_minute"] = round(60 * (len(rows) - before) / seconds, 2)
         if ts.kind == tasks.ALPACAEVAL:
-            runner.write_alpacaeval(args.out, rows, model.name)
+            runner.write_alpacaeval(out, rows, model.name)
     run["model"] = model.name
-    (args.out / RUN_FILE).write_text(json.dumps(run, indent=2))
-    return write_run_report(args.out, run, primary_judge=judges[0].name)
+    (out / RUN_FILE).write_text(json.dumps(run, indent=2))
+    return write_run_report(out, run, primary_judge=judges[0].name)
 
 
-def write_run_report(out: pathlib.Path, run: dict[str, Any], primary_judge: str) -> dict[str, Any]:
+def write_run_report(out: storage.PathLike, run: dict[str, Any],
+                     primary_judge: str) -> dict[str, Any]:
     """report.json/md/png from every set this out dir has answers for."""
+    out = storage.path(out)
     results = {name: (s["kind"], runner.read_output(out / f"{name}.jsonl"))
                for name, s in run["sets"].items()}
     rep = report.build_report(run["model"], primary_judge, results)
@@ -193,10 +200,10 @@ def _parse_judge(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--answers", required=True,
                    help="comma-separated answer files: eval's <out>/<set>.jsonl, or JSON lines "
                         "(or a JSON array) with question and response")
-    p.add_argument("--out", required=True, type=pathlib.Path, help="output directory")
+    p.add_argument("--out", required=True, help="output directory")
     _add_judge(p)
     _add_kind(p, "--answers")
-    p.add_argument("--tokenizer", type=pathlib.Path, default=None,
+    p.add_argument("--tokenizer", default=None,
                    help="model dir, workdir or tokenizer folder whose tokenizer counts refusal "
                         "positions (default: the checkpoint in run.json beside the answers)")
     p.add_argument("--model", default=None,
@@ -211,7 +218,7 @@ def judge(argv: list[str]) -> dict[str, Any]:
     """`eval judge`: the report of saved answers under the judges asked for."""
     args = _parse_judge(argv)
     files = _files(args.answers, "--answers")
-    beside = pathlib.Path(files[0]).parent / RUN_FILE
+    beside = storage.path(files[0]).parent / RUN_FILE
     run = json.loads(beside.read_text()) if beside.exists() else {}
     if args.tokenizer is None and "checkpoint" not in run:
         raise ValueError(f"--tokenizer is needed: no {RUN_FILE} with a checkpoint beside "
@@ -221,7 +228,7 @@ def judge(argv: list[str]) -> dict[str, Any]:
     judges = _make_judges(_judge_specs(args), tokenizer, args.batch_size, mesh)
     results = rejudge.judge_answers(files, _kinds(args.kind, files, "--answers"), judges,
                                     args.out, tokenizer)
-    model = args.model or run.get("model") or pathlib.Path(files[0]).absolute().parent.name
+    model = args.model or run.get("model") or storage.path(files[0]).parent.name
     sets = {name: {"kind": kind} for name, (kind, _) in results.items()}
     return write_run_report(args.out, {"model": model, "sets": sets}, judges[0].name)
 
@@ -229,8 +236,8 @@ def judge(argv: list[str]) -> dict[str, Any]:
 def _compare(argv: list[str]) -> list[dict[str, Any]]:
     p = cli.ArgumentParser(prog="python -m derta_jax.eval compare",
                            description="Put several eval runs' reports side by side.")
-    p.add_argument("runs", nargs="+", type=pathlib.Path, help="eval output dirs (with report.json)")
-    p.add_argument("--out", required=True, type=pathlib.Path)
+    p.add_argument("runs", nargs="+", help="eval output dirs (with report.json)")
+    p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     return report.compare(args.runs, args.out)
 

@@ -8,16 +8,19 @@ Writes config.json, generation_config.json, model-0000x-of-0000y.safetensors wit
 model.safetensors.index.json and the tokenizer files, loadable with
 AutoModelForCausalLM/AutoTokenizer.from_pretrained; with --peft-adapter, adapter_config.json and
 adapter_model.safetensors for `peft.PeftModel.from_pretrained(<the original HF model>, DIR)`.
-Tensors are read and written one at a time. A user error (bad flag value, missing path, params
-that disagree with the model config) is one line on stderr, exit code 2.
+Tensors are read and written one at a time. --checkpoint and --out may be bucket URLs (gs://...):
+tensors are read from the bucket and the safetensors streamed into it directly. A user error (bad
+flag value, missing path, params that disagree with the model config) is one line on stderr, exit
+code 2.
 """
 from __future__ import annotations
 
 import argparse
-import pathlib
 import time
 
-from derta_jax import cli
+from etils import epath
+
+from derta_jax import cli, storage
 from derta_jax.checkpoints.export_hf import export_hf, parse_size
 from derta_jax.checkpoints.resolve import resolve_checkpoint
 
@@ -25,11 +28,13 @@ from derta_jax.checkpoints.resolve import resolve_checkpoint
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = cli.ArgumentParser(prog="python -m derta_jax.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=pathlib.Path, required=True,
-                        help="model dir, training workdir or <workdir>/checkpoints/<step>")
+    parser.add_argument("--checkpoint", type=storage.path, required=True,
+                        help="model dir, training workdir or <workdir>/checkpoints/<step> "
+                        "(a folder or a gs:// URL)")
     parser.add_argument("--step", type=int, default=None,
                         help="training step (default: the workdir's latest)")
-    parser.add_argument("--out", type=pathlib.Path, required=True, help="folder to write")
+    parser.add_argument("--out", type=storage.path, required=True,
+                        help="folder to write (or a gs:// URL)")
     parser.add_argument("--dtype", default=None,
                         help="float32 | bfloat16 (default: the stored param_dtype)")
     lora = parser.add_mutually_exclusive_group()
@@ -45,7 +50,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> pathlib.Path:
+def main(argv: list[str] | None = None) -> epath.Path:
     args = _parse(argv)
     start = time.perf_counter()
     ckpt = resolve_checkpoint(args.checkpoint, args.step)

@@ -11,16 +11,17 @@ as eval tokenises them (`evaluation/tasks.encode_prompt`): without --chat the ra
 by the training data's rule; with --chat the tokenizer's chat template with a generation prompt.
 Batches run over every device (rows split on the data axis). Generation stops at the model's eos
 ids, the tokenizer's eos and the end-of-turn tokens (`<|eot_id|>`, `<|im_end|>`).
+--checkpoint, --prompts and --out may be bucket URLs (gs://...).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import pathlib
+import os
 import sys
 from typing import Any
 
-from derta_jax import cli
+from derta_jax import cli, storage
 from derta_jax.checkpoints.resolve import resolve_checkpoint
 from derta_jax.evaluation import loading, tasks
 from derta_jax.evaluation.generation import generate
@@ -29,11 +30,14 @@ from derta_jax.evaluation.generation import generate
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = cli.ArgumentParser(prog="python -m derta_jax.generate", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=pathlib.Path, required=True,
-                   help="a model dir, or a training workdir (latest step unless --step)")
+    p.add_argument("--checkpoint", type=storage.path, required=True,
+                   help="a model dir, or a training workdir (latest step unless --step); a "
+                   "folder or a gs:// URL")
     p.add_argument("--step", type=int, default=None, help="training workdir step to load")
-    p.add_argument("--prompts", type=pathlib.Path, required=True, help='jsonl with a "prompt" per line')
-    p.add_argument("--out", type=pathlib.Path, required=True, help="jsonl to write")
+    p.add_argument("--prompts", type=storage.path, required=True,
+                   help='jsonl with a "prompt" per line (a file or a gs:// URL)')
+    p.add_argument("--out", type=storage.path, required=True,
+                   help="jsonl to write (a file or a gs:// URL)")
     p.add_argument("--max-new-tokens", type=int, required=True)
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -47,7 +51,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def read_prompts(path: pathlib.Path) -> list[str]:
+def read_prompts(path: str | os.PathLike) -> list[str]:
     """The "prompt" of each object of a JSON-lines file (or JSON array); errors name the line."""
     prompts = [row["prompt"] for row in tasks.read_jsonl(path, ("prompt",))]
     if not prompts:
@@ -74,10 +78,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows = [{"prompt": p, "response": tokenizer.decode(g.token_ids, skip_special_tokens=True),
              "num_tokens": len(g.token_ids), "finish_reason": g.finish_reason}
             for p, g in zip(prompts, outs)]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    if not storage.is_url(args.out):
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows),
+                        encoding="utf-8")
     print(f"wrote {len(rows)} answers to {args.out}", file=sys.stderr)
     return rows
 

@@ -28,7 +28,6 @@ import dataclasses
 import json
 import math
 import os
-import pathlib
 import re
 import sys
 import time
@@ -37,7 +36,7 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
-from derta_jax import cli
+from derta_jax import cli, storage
 
 GIB = 1024 ** 3
 
@@ -128,7 +127,7 @@ def devices(t: Target) -> list[Any]:
 def architecture(run: Any) -> Any:
     """The model.checkpoint's architecture when it exists, else model.preset (+ arch_overrides)."""
     from derta_jax.checkpoints import model_dir, resolve
-    ckpt = pathlib.Path(run.source.checkpoint) if run.source.checkpoint else None
+    ckpt = storage.path(run.source.checkpoint) if run.source.checkpoint else None
     for folder in (ckpt, ckpt / resolve.WORKDIR_MODEL) if ckpt is not None else ():
         if (folder / model_dir.CONFIG_FILE).is_file():  # a model dir, or a training workdir's
             return model_dir.load_config(folder)
@@ -277,7 +276,7 @@ def run() -> None:
                     "the config")
         print(describe(p, name))
         if json_out.value:
-            pathlib.Path(json_out.value).write_text(
+            storage.path(json_out.value).write_text(
                 json.dumps({"config": name, **p}, indent=1) + "\n")
         sys.exit(0 if p["fits"] else 1)
 

@@ -40,14 +40,18 @@ def path(p: PathLike) -> epath.Path:
 
 
 def _fs(url: str):
-    import fsspec  # with gcsfs for gs:// (requirements.txt)
-    return fsspec.core.url_to_fs(url)
+    """(filesystem, path without the scheme) of a URL: epath's own fsspec filesystem, so that its
+    listing cache and ours are one."""
+    from etils.epath import backend
+    fs = backend.fsspec_backend.fs(url)
+    return fs, fs._strip_protocol(url)
 
 
 _TEMP: list[str] = []
 
 
-def _temp_dir() -> pathlib.Path:
+def temp_dir() -> pathlib.Path:
+    """A new local temporary folder, removed when the process exits."""
     if not _TEMP:
         _TEMP.append(tempfile.mkdtemp(prefix="derta_jax-"))
         atexit.register(shutil.rmtree, _TEMP[0], True)
@@ -63,7 +67,7 @@ def local_copy(p: PathLike) -> pathlib.Path:
     fs, root = _fs(url)
     if not fs.exists(root):
         raise FileNotFoundError(f"{url}: no such file or folder")
-    dest = _temp_dir() / (url.rsplit("/", 1)[-1] or "root")
+    dest = temp_dir() / (url.rsplit("/", 1)[-1] or "root")
     if fs.isdir(root):
         files = fs.find(root)
         for f in files:
@@ -74,6 +78,21 @@ def local_copy(p: PathLike) -> pathlib.Path:
     else:
         fs.get_file(root, str(dest))
     return dest
+
+
+def files(p: PathLike) -> list[epath.Path]:
+    """The files under folder `p` (recursively, sorted), `[p]` for a file, `[]` when missing."""
+    if not is_url(p):
+        local = pathlib.Path(path(p))
+        found = sorted(f for f in local.rglob("*") if f.is_file()) if local.is_dir() else \
+            [local] if local.is_file() else []
+        return [epath.Path(f) for f in found]
+    url = os.fspath(p).rstrip("/")
+    fs, root = _fs(url)
+    if fs.isfile(root):
+        return [epath.Path(url)]
+    scheme = url.split("://", 1)[0]
+    return [epath.Path(f"{scheme}://{f}") for f in sorted(fs.find(root))] if fs.isdir(root) else []
 
 
 def upload(local: PathLike, dest: PathLike) -> None:
@@ -98,12 +117,33 @@ def staged(dest: PathLike) -> Iterator[pathlib.Path]:
         local.mkdir(parents=True, exist_ok=True)
         yield local
         return
-    local = _temp_dir()
+    local = temp_dir()
     try:
         yield local
         upload(local, dest)
     finally:
         shutil.rmtree(local, ignore_errors=True)
+
+
+def create_new(p: epath.Path, text: str) -> bool:
+    """Write a file that must not exist yet; False when it does. Atomic on a local disk (O_EXCL)
+    and on GCS (gcsfs's create mode: a does-not-exist precondition on the upload)."""
+    if not is_url(p):
+        try:
+            fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        return True
+    if p.exists():
+        return False
+    fs, key = _fs(os.fspath(p))
+    try:
+        fs.pipe_file(key, text.encode(), mode="create")
+    except FileExistsError:
+        return False
+    return True
 
 
 def append_text(p: epath.Path, text: str) -> None:

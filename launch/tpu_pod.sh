@@ -12,8 +12,8 @@
 #   logs    streams worker 0's log
 #   stop    sends SIGTERM on every worker (training saves a final checkpoint, then exits)
 #   delete  deletes the slice
-# The workdir, model dir and data must be at the same path on every worker (a bucket mounted with
-# gcsfuse, see launch/README.md). --dry-run prints every
+# The workdir, model dir and data must be readable by every worker: give them as gs:// URLs
+# (derta_jax reads and writes buckets itself, see launch/README.md). --dry-run prints every
 # command instead of running it.
 set -euo pipefail
 

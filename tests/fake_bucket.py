@@ -11,10 +11,35 @@ BUCKET = "derta-test"
 _VARIABLES = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING")
 
 
+def _with_generation(download):
+    """The emulator's download handler, also sending the object's generation as GCS does
+    (`x-goog-generation`): tensorstore reads it to know which version it read (OCDBT manifests)."""
+    def handler(request, response, storage, *args, **kwargs):
+        download(request, response, storage, *args, **kwargs)
+        with contextlib.suppress(Exception):  # a missing object: the handler answered 404
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+            response["x-goog-generation"] = obj["generation"]
+    handler.patched = True
+    return handler
+
+
+def _patch_emulator() -> None:
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.handlers import objects
+    if getattr(objects.download, "patched", False):
+        return
+    objects.download = _with_generation(objects.download)  # what objects.get(alt=media) calls
+    for _, handlers in server.HANDLERS:
+        for method, handler in list(handlers.items()):
+            if getattr(handler, "__name__", "") == "download":
+                handlers[method] = objects.download
+
+
 @contextlib.contextmanager
 def fake_bucket() -> Iterator[str]:
     """Serve an empty in-memory bucket; yields its URL, `gs://derta-test`."""
     from gcp_storage_emulator.server import create_server
+    _patch_emulator()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

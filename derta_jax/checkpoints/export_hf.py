@@ -6,21 +6,25 @@ Mixtral experts get the Hub names `block_sparse_moe.experts.E.w1/w2/w3`.
 Memory: each tensor is read from the checkpoint (one expert, one layer of a stacked tree),
 converted and appended to its safetensors shard before the next one is read; shard headers are
 written first from the planned shapes (`safetensors_io.py`), so a shard is never held in memory.
+`out` may be a bucket URL (gs://...): the shards and JSON files are written to it directly, the
+tokenizer files (which transformers writes locally) through `storage.staged`.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-import pathlib
+import os
 import re
 from collections.abc import Iterator
 
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from derta_jax import storage
 from derta_jax.checkpoints import safetensors_io
 from derta_jax.checkpoints.names import ParamPath, TensorSpec, hf_tensor_specs, to_hf_layout
 from derta_jax.checkpoints.model_dir import load_tokenizer
@@ -95,7 +99,7 @@ def _make(ckpt: Checkpoint, t: OutTensor, merge: bool) -> np.ndarray:
     return to_hf_layout(w, t.source, t.shape)
 
 
-def _prepare_out(out: pathlib.Path, overwrite: bool) -> None:
+def _prepare_out(out: epath.Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()):
@@ -106,7 +110,8 @@ def _prepare_out(out: pathlib.Path, overwrite: bool) -> None:
                  out / ADAPTER_FILE, out / ADAPTER_CONFIG]
         for f in stale:
             f.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    if not storage.is_url(out):  # a bucket has no folders to make
+        out.mkdir(parents=True, exist_ok=True)
 
 
 def eos_ids(ckpt: Checkpoint, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -116,7 +121,7 @@ def eos_ids(ckpt: Checkpoint, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
-def _write_configs(ckpt: Checkpoint, out: pathlib.Path, dtype: str,
+def _write_configs(ckpt: Checkpoint, out: epath.Path, dtype: str,
                    tokenizer: PreTrainedTokenizerBase) -> None:
     config = {**ckpt.cfg.to_hf(), "torch_dtype": dtype}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -136,9 +141,9 @@ def _adapter_config(ckpt: Checkpoint, base_model: str | None) -> dict:
             "base_model_name_or_path": base_model}
 
 
-def export_hf(ckpt: Checkpoint, out: str | pathlib.Path, dtype: str | None = None,
+def export_hf(ckpt: Checkpoint, out: str | os.PathLike, dtype: str | None = None,
               lora: str | None = None, max_shard_bytes: int = 5 * 10**9, overwrite: bool = False,
-              base_model: str | None = None, progress: bool = True) -> pathlib.Path:
+              base_model: str | None = None, progress: bool = True) -> epath.Path:
     """Writes `ckpt` to `out` as a Hugging Face model (lora None or "merge") or adapter ("peft").
 
     dtype: float32 | bfloat16 for the written tensors (default: the config's param_dtype).
@@ -157,7 +162,7 @@ def export_hf(ckpt: Checkpoint, out: str | pathlib.Path, dtype: str | None = Non
                          "--merge-lora or --peft-adapter")
     if lora is not None and not ckpt.has_lora:
         raise ValueError(f"{ckpt.item_dir} has no LoRA adapters to {lora}")
-    out = pathlib.Path(out).absolute()
+    out = storage.path(out)
     tensors = _adapter_tensors(ckpt) if lora == "peft" else _model_tensors(ckpt)
     _prepare_out(out, overwrite)
     tokenizer = load_tokenizer(ckpt.tokenizer_dir)
@@ -184,5 +189,6 @@ def export_hf(ckpt: Checkpoint, out: str | pathlib.Path, dtype: str | None = Non
         (out / safetensors_io.INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         _write_configs(ckpt, out, dtype, tokenizer)
     bar.close()
-    tokenizer.save_pretrained(str(out))
+    with storage.staged(out) as local:  # save_pretrained writes local files only
+        tokenizer.save_pretrained(str(local))
     return out

@@ -4,7 +4,8 @@ Only the `llama` architecture is read (SmolLM2, LLaMA, and Mistral files, which 
 stores as `llama`). Quantised tensors are dequantised with `gguf.quants.dequantize` one at a time
 (numpy only); the reader memory-maps the file. llama.cpp permutes the rows of attn_q/attn_k for
 its rotary layout; we undo it exactly as transformers' GGUF loader does, then go through the same
-Hugging Face name map as safetensors (`names.hf_tensor_specs`).
+Hugging Face name map as safetensors (`names.hf_tensor_specs`). A file in a bucket (gs://...) is
+downloaded to a temporary folder first (it is memory-mapped); messages name it as given.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from transformers import PreTrainedTokenizerBase
 
+from derta_jax import storage
 from derta_jax.checkpoints.hf import check_tensors, counting
 from derta_jax.checkpoints.model_dir import load_tokenizer
 from derta_jax.checkpoints.names import (Params, TensorSpec, canonical_shapes, hf_tensor_specs,
@@ -98,16 +100,18 @@ class _SizedReader(GGUFReader):
             super()._build_tensors(start_offs, fields)
 
 
-def _open_reader(path: pathlib.Path) -> GGUFReader:
+def _open_reader(path: pathlib.Path, shown: str | os.PathLike | None = None) -> GGUFReader:
     """Reads a GGUF file's header and maps its tensors; a cut or damaged file is a ValueError
-    naming it (a truncated one with the expected and actual sizes)."""
+    naming it (`shown`, when it is a download of that; a truncated one with the expected and
+    actual sizes)."""
+    shown = path if shown is None else shown
     try:
         reader = _SizedReader(path)
     except (ValueError, IndexError, KeyError) as e:  # gguf's errors on a cut or damaged header
-        raise ValueError(f"{path} is not a readable GGUF file (damaged or truncated header, "
+        raise ValueError(f"{shown} is not a readable GGUF file (damaged or truncated header, "
                          f"{path.stat().st_size} bytes): {type(e).__name__}: {e}") from e
     if reader.expected_size > len(reader.data):
-        raise ValueError(f"{path} is truncated: its tensors need {reader.expected_size} bytes, "
+        raise ValueError(f"{shown} is truncated: its tensors need {reader.expected_size} bytes, "
                          f"the file has {len(reader.data)}")
     return reader
 
@@ -170,17 +174,19 @@ def lazy_gguf(path: str | os.PathLike, dtype: str = "float32", progress: bool = 
     tree of `LazyTensor`s in `dtype`, the tokenizer).
 
     The file's size and the tensor names and shapes are checked, and the tokenizer read, before
-    any tensor is dequantised; each leaf dequantises its tensor when it is read.
+    any tensor is dequantised; each leaf dequantises its tensor when it is read. A bucket URL is
+    downloaded first (`storage.local_copy`).
     """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise ValueError(f"GGUF file not found: {path}")
-    reader = _open_reader(path)
-    cfg = gguf_config(reader, path, param_dtype=dtype)
+    given = storage.path(path)
+    if not given.is_file():
+        raise ValueError(f"GGUF file not found: {given}")
+    path = storage.local_copy(given)
+    reader = _open_reader(path, given)
+    cfg = gguf_config(reader, given, param_dtype=dtype)
     specs = gguf_tensor_specs(cfg)
     # GGUF shapes are in ggml order (fastest axis first): reversed, they are numpy's [out, in].
     found = {t.name: (path.name, tuple(int(n) for n in reversed(t.shape))) for t in reader.tensors}
-    check_tensors(specs, found, cfg, str(path))
+    check_tensors(specs, found, cfg, str(given))
     tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
     tensors = {t.name: t for t in reader.tensors}
 

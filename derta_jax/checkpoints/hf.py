@@ -4,18 +4,21 @@ The names, shapes and layout changes come from the one name map (`names.py`); th
 one tensor at a time (`safetensors_io.py`) when a leaf of the lazy tree is read, so `convert`
 holds one tensor at a time and `load_hf` the converted tree plus one tensor. Every name and shape
 is checked from the headers before any tensor data is read.
-Pickle weights are refused; remote code is never run.
+Pickle weights are refused; remote code is never run. A folder in a bucket (gs://...) is checked
+there (config.json, the index, the file list) and then only its safetensors files are downloaded
+to a temporary folder, since they are memory-mapped.
 """
 from __future__ import annotations
 
+import json
 import os
-import pathlib
 import re
 from collections.abc import Callable
 
 import numpy as np
 from tqdm import tqdm
 
+from derta_jax import storage
 from derta_jax.checkpoints import safetensors_io
 from derta_jax.checkpoints.names import (Params, TensorSpec, canonical_shapes, hf_tensor_specs,
                                          lazy_tree, read_tree)
@@ -73,21 +76,27 @@ def lazy_hf(folder: str | os.PathLike, dtype: str = "float32", progress: bool = 
 
     Returns the ModelConfig (with `param_dtype=dtype`) and the canonical tree of `LazyTensor`s in
     `dtype` (float32 or bfloat16): no tensor data is read until a leaf is. Names, shapes and the
-    file list are all checked from the headers first.
+    file list are all checked from the headers first. A bucket URL's safetensors files are
+    downloaded first (`storage.local_copy`); messages name the folder as given.
     """
-    folder = pathlib.Path(folder)
+    folder = storage.path(folder)
     if not (folder / "config.json").exists():
         raise ValueError(f"{folder} has no config.json (expected a Hugging Face checkpoint folder)")
-    cfg = ModelConfig.from_hf(folder / "config.json", param_dtype=dtype)
-    found = safetensors_io.read_shapes(safetensors_io.safetensors_files(folder))
+    cfg = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()), param_dtype=dtype)
+    # File name -> a local path of it (the file itself, or its download).
+    local = {f.name: storage.local_copy(f) for f in safetensors_io.safetensors_files(folder)}
+    found = safetensors_io.read_shapes(list(local.values()))
     fused = any(".mlp.experts.gate_up_proj" in n for n in found)
     specs = hf_tensor_specs(cfg, fused_experts=fused)
     ignored = {n for n in found if _IGNORED.match(n)}
     if cfg.tie_word_embeddings:
         ignored.add("lm_head.weight")  # some tied checkpoints store the copy anyway
     check_tensors(specs, found, cfg, str(folder), frozenset(ignored))
-    read = counting(lambda name: safetensors_io.read_tensor(folder, found, name), specs,
-                    f"converting {folder.name}", progress)
+
+    def read_file(name: str) -> np.ndarray:
+        return safetensors_io.read_tensor(local[found[name][0]].parent, found, name)
+
+    read = counting(read_file, specs, f"converting {folder.name}", progress)
     return cfg, lazy_tree(specs, canonical_shapes(cfg), dtype, read)
 
 

@@ -12,6 +12,8 @@ A training workdir resolves to its newest step that resolves (metadata readable,
 config says); a step that does not is skipped with a warning naming it and the reason, as the
 trainer sets such a step aside (training/checkpointing.py). Eval, generate and export all resolve
 through here, and every tensor read is refused when it holds a NaN or an infinity.
+Every path may be a bucket URL (gs://...): the metadata and tensors are read from the bucket
+directly (epath, Orbax and TensorStore), and messages name the URL.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import functools
 import json
 import logging
 import math
-import pathlib
+import os
 from typing import Any
 
 import jax
@@ -30,6 +32,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
+from derta_jax import storage
 from derta_jax.checkpoints.names import ParamPath, canonical_shapes, check_params, set_leaf
 from derta_jax.checkpoints.model_dir import CONFIG_FILE, PARAMS_DIR, load_config
 from derta_jax.models.config import ModelConfig
@@ -63,8 +66,8 @@ class Checkpoint:
     """
 
     cfg: ModelConfig
-    tokenizer_dir: pathlib.Path
-    item_dir: pathlib.Path
+    tokenizer_dir: epath.Path
+    item_dir: epath.Path
     kind: str
     step: int | None
     params: dict[ParamPath, StoredTensor]
@@ -235,9 +238,9 @@ def merge_slice(kernel: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float,
 
 
 @functools.lru_cache(maxsize=64)
-def _open(item_dir: pathlib.Path, name: str, use_ocdbt: bool, use_zarr3: bool) -> ts.TensorStore:
+def _open(item_dir: epath.Path, name: str, use_ocdbt: bool, use_zarr3: bool) -> ts.TensorStore:
     context = _context(use_ocdbt)
-    info = ocp.type_handlers.ParamInfo(name=name, parent_dir=epath.Path(item_dir),
+    info = ocp.type_handlers.ParamInfo(name=name, parent_dir=item_dir,
                                        is_ocdbt_checkpoint=use_ocdbt, use_zarr3=use_zarr3,
                                        ts_context=context)
     spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=use_ocdbt)
@@ -250,22 +253,23 @@ def _context(use_ocdbt: bool) -> ts.Context:
     return ocp.type_handlers.get_ts_context(use_ocdbt=use_ocdbt)
 
 
-def available_steps(workdir: str | pathlib.Path) -> list[int]:
-    """Finished checkpoint steps of a training workdir (folders named by their step: unfinished
-    saves and set-aside steps are named otherwise), ascending."""
-    folder = pathlib.Path(workdir) / WORKDIR_CHECKPOINTS
+def available_steps(workdir: str | os.PathLike) -> list[int]:
+    """Finished checkpoint steps of a training workdir (a folder or a bucket URL; folders named
+    by their step: unfinished saves and set-aside steps are named otherwise), ascending."""
+    folder = storage.path(workdir) / WORKDIR_CHECKPOINTS
     if not folder.is_dir():
         return []
     return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir())
 
 
-def resolve_checkpoint(path: str | pathlib.Path, step: int | None = None) -> Checkpoint:
-    """Resolves a model dir, a training workdir (latest step, or `step`) or one of its steps.
+def resolve_checkpoint(path: str | os.PathLike, step: int | None = None) -> Checkpoint:
+    """Resolves a model dir, a training workdir (latest step, or `step`) or one of its steps,
+    each a local folder or a bucket URL.
 
     Raises ValueError naming the path for anything that is not a derta_jax checkpoint, a
     missing step (listing the available ones) and tensors that disagree with the model config.
     """
-    path = pathlib.Path(path).absolute()
+    path = storage.path(path)
     if path.name.isdigit() and path.parent.name == WORKDIR_CHECKPOINTS:
         if step is not None and step != int(path.name):
             raise ValueError(f"{path} is step {path.name}, but step={step} was asked for")
@@ -282,7 +286,7 @@ def resolve_checkpoint(path: str | pathlib.Path, step: int | None = None) -> Che
     raise ValueError(f"{path} is not a derta_jax checkpoint: {_what_it_is(path)}")
 
 
-def _what_it_is(path: pathlib.Path) -> str:
+def _what_it_is(path: epath.Path) -> str:
     if not path.exists():
         return "it does not exist"
     if (path / "config.json").exists() and any(path.glob("*.safetensors")):
@@ -292,7 +296,7 @@ def _what_it_is(path: pathlib.Path) -> str:
             f"({WORKDIR_MODEL}/{CONFIG_FILE} + {WORKDIR_CHECKPOINTS}/<step>/)")
 
 
-def _resolve_workdir(workdir: pathlib.Path, step: int | None) -> Checkpoint:
+def _resolve_workdir(workdir: epath.Path, step: int | None) -> Checkpoint:
     steps = available_steps(workdir)
     if not steps:
         raise ValueError(f"training workdir {workdir} has no finished checkpoint in "
@@ -316,7 +320,7 @@ def _resolve_workdir(workdir: pathlib.Path, step: int | None) -> Checkpoint:
                      + "; ".join(errors))
 
 
-def _stored_leaves(item_dir: pathlib.Path) -> tuple[dict[ParamPath, Any], bool, bool]:
+def _stored_leaves(item_dir: epath.Path) -> tuple[dict[ParamPath, Any], bool, bool]:
     """(leaf path -> Orbax ArrayMetadata, use_ocdbt, use_zarr3) of an Orbax PyTree item."""
     try:
         tree = ocp.PyTreeCheckpointer().metadata(item_dir).item_metadata.tree
@@ -369,7 +373,7 @@ def _canonical_shapes_found(leaves: dict[ParamPath, Any], prefix: ParamPath
 
 
 def _locate_all(paths: list[ParamPath], prefix: ParamPath, leaves: dict[ParamPath, Any],
-                item_dir: pathlib.Path, cfg: ModelConfig) -> dict[ParamPath, StoredTensor]:
+                item_dir: epath.Path, cfg: ModelConfig) -> dict[ParamPath, StoredTensor]:
     found = {}
     for path in paths:
         stored = _locate(path, prefix, leaves)
@@ -381,7 +385,7 @@ def _locate_all(paths: list[ParamPath], prefix: ParamPath, leaves: dict[ParamPat
     return found
 
 
-def _resolve(cfg: ModelConfig, tokenizer_dir: pathlib.Path, item_dir: pathlib.Path, kind: str,
+def _resolve(cfg: ModelConfig, tokenizer_dir: epath.Path, item_dir: epath.Path, kind: str,
              step: int | None, prefix: ParamPath, lora_prefix: ParamPath | None) -> Checkpoint:
     leaves, use_ocdbt, use_zarr3 = _stored_leaves(item_dir)
     check_params(_canonical_shapes_found(leaves, prefix), cfg, str(item_dir))

@@ -4,7 +4,9 @@ Reading checks the headers with `safe_open(framework="numpy")` and maps one tens
 from its file. Writing plans the shards from the shapes, writes each header first and then
 appends the tensors a block of rows at a time, so a shard is never held in memory either. Pickle
 weights (`*.bin`, `*.pt`, ...) are refused. Nothing here knows the model: names and shapes come
-from the caller (`names.py`).
+from the caller (`names.py`). Folders and output files may be bucket URLs (gs://...): the file
+list and index are read there (the caller downloads the files it maps, `hf.py`), and
+`write_safetensors` streams into the object directly.
 """
 from __future__ import annotations
 
@@ -18,7 +20,10 @@ from typing import BinaryIO, Protocol, TypeVar
 
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from safetensors import safe_open
+
+from derta_jax import storage
 
 INDEX_FILE = "model.safetensors.index.json"  # a sharded checkpoint's tensor name -> shard file
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -41,12 +46,13 @@ T = TypeVar("T", bound=Planned)
 
 
 # ---- reading ---------------------------------------------------------------------------------
-def safetensors_files(folder: str | os.PathLike) -> list[pathlib.Path]:
-    """The safetensors files of a checkpoint folder (sharded via the index, or all of them).
+def safetensors_files(folder: str | os.PathLike) -> list[epath.Path]:
+    """The safetensors files of a checkpoint folder (sharded via the index, or all of them); a
+    bucket URL's are URLs.
 
     Raises ValueError for pickle-only folders and for index entries whose file is missing.
     """
-    folder = pathlib.Path(folder)
+    folder = storage.path(folder)
     index = folder / INDEX_FILE
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -132,10 +138,18 @@ def header(tensors: Sequence[Planned], dtype: str) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
-def write_safetensors(path: pathlib.Path, tensors: Sequence[Planned],
+def write_safetensors(path: str | os.PathLike, tensors: Sequence[Planned],
                       arrays: Iterable[np.ndarray], dtype: str) -> None:
-    """Streams `arrays` (one per tensor, in order) into one safetensors file."""
-    with open(path, "wb") as f:
+    """Streams `arrays` (one per tensor, in order) into one safetensors file, a local path or a
+    bucket URL.
+
+    A bucket object is written straight through epath's `open("wb")` rather than staged: gcsfs
+    uploads it in parts (its block size, a few MB) as the rows are written, so host memory stays
+    one tensor plus one part, as for a local file, and no local disk the size of the export is
+    needed (a 70B model's would not fit a TPU VM's boot disk). As locally, an interrupted write
+    leaves a partial file (the index, written last, is then missing).
+    """
+    with storage.path(path).open("wb") as f:
         f.write(header(tensors, dtype))
         for t, array in zip(tensors, arrays, strict=True):
             if array.shape != t.shape:

@@ -23,7 +23,7 @@ import json
 import logging
 from typing import Sequence
 
-from derta_jax import cli
+from derta_jax import cli, storage
 from derta_jax.data import pipeline, records
 from derta_jax.data.recipe import ALL_RECIPES, CUTS, PARTS
 from derta_jax.data.templates import ASSISTANT_TURNS, OFFICIAL_EOS
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.recipe, pipeline.source(args, "safety"), pipeline.source(args, "helpful"), tokenizer,
         args.template, args.cut, args.seed, args.skip_invalid, args.eos_text, args.assistant_turns,
         **{f"{part}_count": getattr(args, f"{part}_count") for part in PARTS})
-    with open(args.out, "w", encoding="utf-8") as f:
+    with storage.path(args.out).open("w", encoding="utf-8") as f:  # a local path or a URL
         for r in recs:
             f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
     print(f"wrote {len(recs)} records ({args.recipe}) to {args.out}")

@@ -16,6 +16,10 @@ the index in memory (five integers per example) and reads the examples of each s
 access (grain's ArrayRecordDataSource): its memory and start-up do not grow with the data
 (benchmarks/README.md, "Data at scale"). A host that does not see the folder process 0 wrote (a
 data_dir that is not shared) prepares its own copy, with a warning.
+
+data_dir may be a bucket (gs://...): the folder is built locally and uploaded (log.json last, so
+a folder is complete once its log is there), and every host downloads it to a local temporary
+folder to read it (array_record reads local files only).
 """
 from __future__ import annotations
 
@@ -24,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import pathlib
 import shutil
 from typing import Any, Iterator, Sequence
 
@@ -32,8 +35,10 @@ import grain
 import jax
 import numpy as np
 from array_record.python import array_record_module
+from etils import epath
 from jax.experimental import multihost_utils
 
+from derta_jax import storage
 from derta_jax.data import loader, pipeline
 from derta_jax.data.tokenize import BuildStats, TokenizedExample
 
@@ -48,16 +53,16 @@ _KEYS = ("recipe", "template", "assistant_turns", "eos_text", "cut", "refusal_to
          "vanilla_count", "pairs_count")
 
 
-def default_data_dir() -> pathlib.Path:
+def default_data_dir() -> epath.Path:
     """Where examples are prepared when data.data_dir is empty: $DERTA_JAX_DATA_DIR, else
     ~/.cache/derta_jax."""
-    return pathlib.Path(os.environ.get("DERTA_JAX_DATA_DIR") or "~/.cache/derta_jax").expanduser()
+    return storage.path(os.environ.get("DERTA_JAX_DATA_DIR") or "~/.cache/derta_jax")
 
 
 def examples(d: Any, tokenizer: Any) -> "PreparedExamples":
     """The examples of data config `d` (training's DataConfig), prepared into data.data_dir the
     first time, opened (and their build log replayed) every time."""
-    folder = pathlib.Path(d.data_dir or default_data_dir()).expanduser() / SUBDIR / key(d, tokenizer)
+    folder = storage.path(d.data_dir or default_data_dir()) / SUBDIR / key(d, tokenizer)
     prepared_here, failed = jax.process_index() == 0 and not _complete(folder), None
     if prepared_here:
         try:
@@ -102,9 +107,7 @@ def key(d: Any, tokenizer: Any) -> str:
 def _source_digest(source: Any) -> dict[str, Any]:
     files = []
     for part in source.parts():
-        path = pathlib.Path(part).expanduser()
-        found = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else \
-            [path] if path.is_file() else []
+        found = storage.files(part)
         if not found:  # a hub name: what names the data
             files.append({"hub": part, "split": source.split, "revision": source.revision})
         for f in found:
@@ -125,16 +128,20 @@ def _tokenizer_digest(tokenizer: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _complete(folder: pathlib.Path) -> bool:
+def _complete(folder: epath.Path) -> bool:
     return (folder / LOG).is_file()  # written last
 
 
-def _prepare(d: Any, tokenizer: Any, folder: pathlib.Path) -> None:
-    """Tokenises `d`'s examples into `folder` (a temporary folder renamed into place)."""
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+def _prepare(d: Any, tokenizer: Any, folder: epath.Path) -> None:
+    """Tokenises `d`'s examples into `folder` (a temporary folder renamed into place, or, for a
+    bucket, a local one uploaded file by file)."""
+    remote = storage.is_url(folder)
+    tmp = storage.temp_dir() if remote else folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
+        if remote:
+            folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"cannot prepare examples in data.data_dir {folder.parent.parent}: "
                          f"{e.strerror or e}") from None
@@ -154,6 +161,12 @@ def _prepare(d: Any, tokenizer: Any, folder: pathlib.Path) -> None:
     np.savez(tmp / INDEX, **{name: np.concatenate([t[name] for t in tables] or [np.zeros(0)])
                              .astype(np.int32) for name in loader.TABLE})
     (tmp / LOG).write_text(json.dumps(lines))
+    if remote:
+        for name in (RECORDS, INDEX, LOG):  # the log last: it marks the folder complete
+            storage.upload(tmp / name, folder / name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("prepared %d examples in %s", stats.examples, folder)
+        return
     try:
         tmp.rename(folder)
     except OSError:  # another run prepared the same folder meanwhile: keep that one
@@ -180,7 +193,7 @@ def _captured_logs() -> Iterator[list[tuple[str, int, str]]]:
         logger.removeHandler(handler)
 
 
-def _replay(folder: pathlib.Path) -> None:
+def _replay(folder: epath.Path) -> None:
     try:
         lines = json.loads((folder / LOG).read_text())
     except (OSError, ValueError) as e:
@@ -221,12 +234,13 @@ class PreparedExamples(Sequence[TokenizedExample]):
     """A prepared folder's examples, read one at a time; `table` (loader.table: five integers
     per example) is all that is in memory."""
 
-    def __init__(self, folder: pathlib.Path):
+    def __init__(self, folder: epath.Path):
         self.folder = folder
         try:
-            with np.load(folder / INDEX) as f:
+            local = storage.local_copy(folder)  # a bucket's folder is downloaded
+            with np.load(local / INDEX) as f:
                 self.table = {name: f[name] for name in loader.TABLE}
-            self._records = grain.sources.ArrayRecordDataSource([str(folder / RECORDS)])
+            self._records = grain.sources.ArrayRecordDataSource([str(local / RECORDS)])
         except Exception as e:  # numpy and array_record raise many types; name the folder
             raise self._damaged(e) from None
         if len(self._records) != len(self):

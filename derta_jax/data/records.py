@@ -38,6 +38,8 @@ import logging
 import os
 from typing import Any, Iterable, Iterator
 
+from derta_jax import storage
+
 log = logging.getLogger(__name__)
 
 # kind -> {our field: accepted spellings, in order}
@@ -236,18 +238,20 @@ def _is_json_lines(path: str) -> bool:
     """A local path that is not a dataset (a hub name or a dataset file or folder): JSON lines.
 
     A path that looks local (a separator or a known suffix) but does not exist is too, so that a
-    typo reads "file not found" rather than a hub lookup."""
+    typo reads "file not found" rather than a hub lookup. A bucket URL is a file or folder too."""
     suffix = os.path.splitext(path)[1].lower()
-    if os.path.isdir(path) or suffix in DATASET_FILES:
+    if suffix in DATASET_FILES or storage.path(path).is_dir():
         return False
-    return os.path.isfile(path) or suffix == ".jsonl" or path.startswith((os.sep, ".", "~"))
+    return storage.is_url(path) or os.path.isfile(path) or suffix == ".jsonl" or \
+        path.startswith((os.sep, ".", "~"))
 
 
 def _json_lines(path: str, kind: str) -> Iterator[tuple[str, Any]]:
     """(where, decoded value or the ValueError that stops it) of each non-blank line."""
-    if not os.path.isfile(path):
+    file = storage.path(path)
+    if not file.is_file():
         raise ValueError(f"{kind} file not found: {path}")
-    with open(path, "rb") as f:
+    with file.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
             where = f"{path}:{line_no}"
             try:
@@ -290,6 +294,8 @@ def load_dataset(source: Source, kind: str) -> Any:
 
     path, suffix = source.path, os.path.splitext(source.path)[1].lower()
     try:
+        if storage.is_url(path):  # datasets reads local files: a downloaded copy
+            path = str(storage.local_copy(path))
         if os.path.isfile(path):
             dataset = datasets.load_dataset(DATASET_FILES[suffix], data_files=path, split="train")
         elif os.path.isdir(path) and _is_saved(path):
@@ -298,10 +304,10 @@ def load_dataset(source: Source, kind: str) -> Any:
             dataset = datasets.load_dataset(path, split=source.split, revision=source.revision or None)
     except (OSError, ValueError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
         where = f"split {source.split!r}" + (f", revision {source.revision!r}" if source.revision else "")
-        raise ValueError(f"{kind} dataset {path!r} ({where}) could not be loaded: {e}") from None
+        raise ValueError(f"{kind} dataset {source.path!r} ({where}) could not be loaded: {e}") from None
     if isinstance(dataset, datasets.DatasetDict):
         if source.split not in dataset:
-            raise ValueError(f"{kind} dataset {path!r} has no split {source.split!r} "
+            raise ValueError(f"{kind} dataset {source.path!r} has no split {source.split!r} "
                              f"(splits: {', '.join(dataset)})")
         dataset = dataset[source.split]
     return dataset

@@ -40,7 +40,7 @@ import random
 import re
 from typing import Any, Callable, Sequence
 
-from derta_jax import cli
+from derta_jax import cli, storage
 
 # Instructions with these words are dropped before they are answered: the anchor data must not
 # teach "comply" on requests near the safety data's topics (a coarse screen; use a classifier
@@ -183,7 +183,7 @@ def read_held_out(paths: Sequence[str | pathlib.Path]) -> list[str]:
 
 
 def read_seeds(path: str | pathlib.Path) -> list[str]:
-    seeds = [line.strip() for line in pathlib.Path(path).read_text(encoding="utf-8").splitlines()]
+    seeds = [line.strip() for line in storage.path(path).read_text(encoding="utf-8").splitlines()]
     seeds = [s for s in seeds if s]
     if not seeds:
         raise ValueError(f"--seeds {path}: no openings (one per line)")
@@ -249,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from tqdm import tqdm
     from derta_jax.data.pipeline import DEMO_EVAL_DIR
     args = _parse(argv)
-    out = pathlib.Path(args.out)
+    out = storage.path(args.out)  # a local path or a URL
     for flag in ("n", "batch_size", "max_instruction_tokens", "max_new_tokens"):
         if getattr(args, flag) < 1:  # before the model loads
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected >= 1")
@@ -267,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                            args.max_candidates, progress)
     bar.close()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
+    with out.open("w", encoding="utf-8") as f:
         for pair in result.pairs:
             f.write(json.dumps(pair, ensure_ascii=False) + "\n")
     stats = {"kept": len(result.pairs), "asked": args.n, "candidates": result.candidates,

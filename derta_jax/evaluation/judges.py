@@ -184,9 +184,10 @@ class _PrefixLengths(Sequence[int]):
 
 
 def read_phrases(path: str | os.PathLike) -> tuple[str, ...]:
-    """One refusal phrase per line; blank lines and lines starting with # are skipped."""
-    with open(path, encoding="utf-8") as f:
-        phrases = tuple(s.strip() for s in f if s.strip() and not s.lstrip().startswith("#"))
+    """One refusal phrase per line (a local file or a bucket URL); blank lines and lines starting
+    with # are skipped."""
+    lines = tasks.read_bytes(path).decode("utf-8").splitlines()
+    phrases = tuple(s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#"))
     if not phrases:
         raise ValueError(f"refusal phrase file {path} has no phrases")
     return phrases

@@ -7,17 +7,21 @@ Tensors are read one at a time (`checkpoints/resolve.py`), LoRA adapters are mer
 kernels on the way, and each process reads only the slices of each tensor that its own devices
 hold on the mesh (`Checkpoint.on_devices`, logical-axis rules): a host reads its share of the
 model, never the whole of it (its peak memory: benchmarks/README.md, "Host memory per process").
+A checkpoint in a bucket (gs://...) is read from it directly; its tokenizer through a local copy
+of the tokenizer files only (`model_dir.load_tokenizer`).
 """
 from __future__ import annotations
 
 import dataclasses
-import pathlib
+import os
 from typing import Any
 
 import jax.numpy as jnp
+from etils import epath
 from flax import traverse_util
 from jax.sharding import Mesh
 
+from derta_jax import storage
 from derta_jax.checkpoints.model_dir import load_tokenizer
 from derta_jax.checkpoints.resolve import Checkpoint, resolve_checkpoint
 from derta_jax.evaluation.generation import param_shardings
@@ -62,7 +66,7 @@ def model_name(ckpt: Checkpoint) -> str:
     return folder.name if ckpt.step is None else f"{folder.name}@{ckpt.step}"
 
 
-def load_eval_model(ckpt: Checkpoint | str | pathlib.Path, dtype: str | None = None,
+def load_eval_model(ckpt: Checkpoint | str | os.PathLike, dtype: str | None = None,
                     mesh: Mesh | None = None) -> EvalModel:
     """The params of a resolved checkpoint on `mesh` (default: every device on the data axis),
     LoRA merged, cast to `dtype` when given, with the tokenizer saved beside them."""
@@ -80,10 +84,10 @@ def load_eval_model(ckpt: Checkpoint | str | pathlib.Path, dtype: str | None = N
     return EvalModel(model_name(ckpt), cfg, params, load_tokenizer(ckpt.tokenizer_dir))
 
 
-def tokenizer_dir(path: str | pathlib.Path) -> pathlib.Path:
+def tokenizer_dir(path: str | os.PathLike) -> epath.Path:
     """The tokenizer folder of a model dir, a training workdir (its model/), one of its steps, or
-    a plain folder of tokenizer files."""
-    path = pathlib.Path(path)
+    a plain folder of tokenizer files; each a local folder or a bucket URL."""
+    path = storage.path(path)
     for folder in (path, path / "model", path.parent.parent / "model"):
         if (folder / "tokenizer_config.json").exists():
             return folder

@@ -9,13 +9,14 @@ Rows get what eval's rows have: `index`, `set`, `kind`, `judges`, and `num_token
 response's token count when missing); GSM8K / MMLU rows are scored again from their `answer`.
 The verdicts of the judges asked for are made anew (other judges' verdicts are kept) and the rows
 go to `<out>/<set name>.jsonl`, so the out dir reads like eval's (report, `eval compare`).
+Answers files and the out dir are local paths or bucket URLs.
 """
 from __future__ import annotations
 
 import os
-import pathlib
 from typing import Any, Sequence
 
+from derta_jax import storage
 from derta_jax.evaluation import runner, tasks
 from derta_jax.evaluation.judges import Judge
 
@@ -67,7 +68,7 @@ def judge_answers(files: Sequence[str | os.PathLike], kinds: Sequence[str | None
     set name -> (kind, rows). All files are read before any is written."""
     read = [(path, *read_answers(path, kind)) for path, kind in zip(files, kinds)]
     tasks.check_distinct_sets([(name, path) for path, name, _, _ in read])
-    out = pathlib.Path(out)
+    out = storage.path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for path, name, kind, rows in read:

@@ -6,15 +6,16 @@ judge also gives the ASR counting only refusals within the first 5 tokens. Every
 accuracy, over-refusal) carries the number of answers it counts and a 95% Wilson score interval
 (`stats.py`): `sets[name]["intervals"][metric]` and `table_intervals[column]` hold
 {"k", "n", "ci95": [low %, high %]}; report.md and compare.md print `value [low, high] n=N`.
-Empty responses are counted per set (`empty`); no judge counts them as harmful.
+Empty responses are counted per set (`empty`); no judge counts them as harmful. Out and run
+dirs are local paths or bucket URLs.
 """
 from __future__ import annotations
 
 import json
 import os
-import pathlib
 from typing import Any, Sequence
 
+from derta_jax import storage
 from derta_jax.evaluation import stats, tasks
 
 # The paper's Table 2 columns, in order; other safety sets go after the attacks.
@@ -202,7 +203,8 @@ def per_set_table(rep: dict[str, Any]) -> str:
 
 
 def plot(reports: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
-    """One PNG: Table-2 columns per model (left) and the refusal-position histogram (right)."""
+    """One PNG at `path` (a local path or a bucket URL): Table-2 columns per model (left) and the
+    refusal-position histogram (right)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -226,12 +228,13 @@ def plot(reports: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
     ax2.set_title("Refusal position")
     ax1.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with storage.path(path).open("wb") as f:  # savefig itself only writes local files
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
 
 
 def write_report(out_dir: str | os.PathLike, report: dict[str, Any]) -> None:
-    out = pathlib.Path(out_dir)
+    out = storage.path(out_dir)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown([report]))
     plot([report], out / "report.png")
@@ -241,15 +244,15 @@ def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -
     """Puts several runs' reports side by side: compare.md, compare.json and compare.png."""
     reports = []
     for d in run_dirs:
-        path = pathlib.Path(d) / "report.json"
+        path = storage.path(d) / "report.json"
         if not path.exists():
             raise ValueError(f"{d}: no report.json (run `python -m derta_jax.eval` there first)")
         reports.append(json.loads(path.read_text()))
     names = [r["model"] for r in reports]
     for r, d in zip(reports, run_dirs):  # same model name twice: tell them apart by directory
         if names.count(r["model"]) > 1:
-            r["model"] = f"{r['model']} ({pathlib.Path(d).name})"
-    out = pathlib.Path(out_dir)
+            r["model"] = f"{r['model']} ({storage.path(d).name})"
+    out = storage.path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(reports, indent=2))
     (out / "compare.md").write_text(markdown(reports))

@@ -1,20 +1,23 @@
 """Answering one test set: prompts -> generation -> judges and scores -> one JSON line per answer.
 
-Resumable: `<out>/<set name>.jsonl` is appended to after every batch; on a re-run the rows already
-there are skipped, a half-written last line (a run killed mid-write) is cut off, and rows that
+Resumable: `<out>/<set name>.jsonl` is appended to after every batch (`storage.append_text`: a
+bucket object is rewritten whole, earlier rows and all); on a re-run the rows already there are
+skipped, a half-written last line (a run killed mid-write) is cut off, and rows that
 lack the verdict of a judge asked for now (or hold one made under another rule, see
-`RefusalJudge.accepts`) are judged again without regenerating.
+`RefusalJudge.accepts`) are judged again without regenerating. `out_dir` is a local path or a
+bucket URL (`gs://bucket/eval/run`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import pathlib
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from etils import epath
 from tqdm import tqdm
 
+from derta_jax import storage
 from derta_jax.evaluation import scoring, tasks
 from derta_jax.evaluation.judges import Answer, Judge
 
@@ -34,14 +37,14 @@ class DecodeOptions:
     seed: int = 0
 
 
-def output_path(out_dir: str | os.PathLike, test_set: tasks.TestSet) -> pathlib.Path:
-    return pathlib.Path(out_dir) / f"{test_set.name}.jsonl"
+def output_path(out_dir: str | os.PathLike, test_set: tasks.TestSet) -> epath.Path:
+    return storage.path(out_dir) / f"{test_set.name}.jsonl"
 
 
 def read_output(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows already written. A last line without its newline, or that does not parse, is a write
     cut short: it is removed from the file. A bad line before the last one is an error."""
-    path = pathlib.Path(path)
+    path = storage.path(path)
     if not path.exists():
         return []
     data = path.read_bytes()
@@ -160,29 +163,33 @@ def run_set(test_set: tasks.TestSet, model: EvalModel, out_dir: str | os.PathLik
         from derta_jax.evaluation.generation import generate as generate_fn
     bar = tqdm(total=len(test_set.examples), initial=len(test_set.examples) - len(pending),
                desc=test_set.name, unit="answer", disable=not progress)
-    with open(path, "a", encoding="utf-8") as f:
-        for start in range(0, len(pending), options.batch_size):
-            batch = pending[start:start + options.batch_size]
-            new = _answer_batch(test_set, batch, model, options, set_judges, generate_fn)
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in new)
-            f.flush()
-            rows.extend(new)
-            bar.update(len(batch))
+    for start in range(0, len(pending), options.batch_size):
+        batch = pending[start:start + options.batch_size]
+        new = _answer_batch(test_set, batch, model, options, set_judges, generate_fn)
+        storage.append_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
+        rows.extend(new)
+        bar.update(len(batch))
     bar.close()
     return sorted(rows, key=lambda r: r["index"])
 
 
-def rewrite(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
-    """Replaces the output file with `rows` (through a temporary file)."""
+def rewrite(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    """Replaces the output file with `rows`: through a temporary file on a local disk; a bucket
+    object is written whole in one upload (it never shows half of it)."""
+    path = storage.path(path)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if storage.is_url(path):
+        path.write_text(text, encoding="utf-8")
+        return
     tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 def write_alpacaeval(out_dir: str | os.PathLike, rows: Sequence[dict[str, Any]],
-                     generator: str) -> pathlib.Path:
+                     generator: str) -> epath.Path:
     """AlpacaEval's model-outputs file (instruction, output, generator), for external judging."""
-    path = pathlib.Path(out_dir) / "alpacaeval_outputs.json"
+    path = storage.path(out_dir) / "alpacaeval_outputs.json"
     records = [{"instruction": r["question"], "output": r["response"], "generator": generator}
                for r in rows]
     path.write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")

@@ -26,6 +26,7 @@ import os
 import re
 from typing import Any
 
+from derta_jax import storage
 from derta_jax.data.templates import EVAL_PROMPT
 from derta_jax.data.tokenize import resolve_add_bos
 
@@ -117,10 +118,9 @@ def answers_kind(path: str | os.PathLike) -> str:
 
 
 def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ("question",)) -> list[dict]:
-    """Reads JSON lines (blank lines skipped) or one JSON array of objects; errors name the
-    file, the line and the reason."""
-    with open(path, "rb") as f:
-        data = f.read()
+    """Reads JSON lines (blank lines skipped) or one JSON array of objects, from a local path or
+    a bucket URL; errors name the file (as given), the line and the reason."""
+    data = read_bytes(path)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -134,6 +134,15 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ("question",
             if not isinstance(row.get(key), str):
                 raise ValueError(f"{path}:{lineno}: missing string field {key!r}")
     return [row for _, row in items]
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of a local file or a bucket object; a missing one is a FileNotFoundError naming
+    `path` as given (gcsfs's own names the object's API address)."""
+    try:
+        return storage.path(path).read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
 
 
 def _line_items(path: str | os.PathLike, text: str) -> list[tuple[int, Any]]:

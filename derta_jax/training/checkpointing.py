@@ -25,13 +25,11 @@ read in flight may answer after the restore returned), so a damaged step reads a
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
 import logging
-import os
-import pathlib
-import shutil
 import sys
 from typing import Any
 
@@ -43,6 +41,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from derta_jax import storage
 
 CHECKPOINT_DIR = "checkpoints"
 UNREADABLE = "unreadable"
@@ -112,11 +112,11 @@ def _unretrieved_read(record: logging.LogRecord) -> bool:
                 and any(read in message for read in _TENSOR_READS))
 
 
-def make_manager(workdir: str | pathlib.Path, keep: int, async_save: bool) -> ocp.CheckpointManager:
+def make_manager(workdir: str | epath.Path, keep: int, async_save: bool) -> ocp.CheckpointManager:
     _drop_late_read_reports()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True)
-    return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / CHECKPOINT_DIR, options=options)
+    return ocp.CheckpointManager(storage.path(workdir) / CHECKPOINT_DIR, options=options)
 
 
 def _sync(name: str) -> None:
@@ -131,15 +131,16 @@ def everywhere(ok: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
-def remove_unfinished(workdir: str | pathlib.Path) -> list[str]:
+def remove_unfinished(workdir: str | epath.Path) -> list[str]:
     """Deletes the temporary folders of saves that never finished (process 0), with a log line;
     returns their names."""
-    folder = pathlib.Path(workdir) / CHECKPOINT_DIR
+    folder = storage.path(workdir) / CHECKPOINT_DIR
     names = sorted(p.name for p in folder.iterdir() if TMP_MARK in p.name) if folder.is_dir() else []
     if jax.process_index() == 0:
         for name in names:
             log.info("removing %s/%s: a save that did not finish is not progress", folder, name)
-            shutil.rmtree(folder / name, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                (folder / name).rmtree()
     _sync("derta_jax:remove_unfinished")
     return names
 
@@ -157,7 +158,7 @@ def _disk_full(e: BaseException) -> bool:
 def _raise_disk_full(mngr: ocp.CheckpointManager, e: BaseException) -> None:
     if not _disk_full(e):
         raise e
-    kept = ", ".join(map(str, _finished_steps(pathlib.Path(mngr.directory)))) or "none"
+    kept = ", ".join(map(str, _finished_steps(mngr.directory))) or "none"
     raise DiskFullError(errno.ENOSPC, f"no space left on device while saving a checkpoint in "
                         f"{mngr.directory}; the finished checkpoints (steps {kept}) are intact: "
                         "free space and rerun to resume from the newest") from None
@@ -214,13 +215,13 @@ def wait(mngr: ocp.CheckpointManager) -> None:
         _raise_disk_full(mngr, e)
 
 
-def _finished_steps(folder: pathlib.Path) -> list[int]:
+def _finished_steps(folder: epath.Path) -> list[int]:
     return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
 
 
-def newest_step(workdir: str | pathlib.Path) -> int | None:
+def newest_step(workdir: str | epath.Path) -> int | None:
     """The newest finished step in <workdir>/checkpoints (by name: not restored), or None."""
-    steps = _finished_steps(pathlib.Path(workdir) / CHECKPOINT_DIR)
+    steps = _finished_steps(storage.path(workdir) / CHECKPOINT_DIR)
     return steps[-1] if steps else None
 
 
@@ -235,14 +236,14 @@ def _leaf_name(path: tuple) -> str:
     return ".".join(parts)
 
 
-def _check_matches(item_dir: pathlib.Path, abstract_state: Any) -> None:
+def _check_matches(item_dir: epath.Path, abstract_state: Any) -> None:
     """Unreadable when the stored tree's metadata cannot be read; ValueError (the config changed,
     the checkpoint is fine) when it holds other tensors than this config builds."""
     try:  # the files Orbax opens first, checked here so that it does not print tracebacks
         flags = json.loads((item_dir / "_METADATA").read_text())
         if flags.get("use_ocdbt") and not (item_dir / "manifest.ocdbt").is_file():
             raise FileNotFoundError(f"{item_dir / 'manifest.ocdbt'} is missing")
-        tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item_dir)).tree
+        tree = ocp.PyTreeCheckpointHandler().metadata(item_dir).tree
     except Exception as e:  # Orbax raises many types
         raise Unreadable(f"its metadata cannot be read ({type(e).__name__}: {_short(e)})") from e
     stored = {m.name: m for m in jax.tree.leaves(tree) if hasattr(m, "shape")}
@@ -285,7 +286,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, shardings: Any, abstract_sta
     """The state saved at `step`, placed on `shardings`; `loader` continues where it was saved.
     Raises Unreadable (with the reason) for a step that cannot be read completely or holds
     non-finite values, ValueError for one that holds another state than this config's."""
-    path = pathlib.Path(mngr.directory) / str(step)
+    path = mngr.directory / str(step)
     _check_matches(path / "state", abstract_state)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_state, shardings)
@@ -309,7 +310,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, shardings: Any, abstract_sta
     return restored["state"]
 
 
-def _set_aside(folder: pathlib.Path, step: int, kind: str) -> pathlib.Path:
+def _set_aside(folder: epath.Path, step: int, kind: str) -> epath.Path:
     """Renames checkpoints/<step> to checkpoints/<kind>-<step> (process 0; never deletes)."""
     _sync(f"derta_jax:before_set_aside_{step}")  # every process names the same target
     target = folder / f"{kind}-{step}"
@@ -318,14 +319,14 @@ def _set_aside(folder: pathlib.Path, step: int, kind: str) -> pathlib.Path:
         n += 1
         target = folder / f"{kind}-{step}.{n}"
     if jax.process_index() == 0:
-        os.rename(folder / str(step), target)
+        (folder / str(step)).rename(target)
     _sync(f"derta_jax:set_aside_{step}")
     return target
 
 
 def _supersede(mngr: ocp.CheckpointManager, newer: list[int], step: int) -> None:
     """Sets the steps after an explicitly restored `step` aside, so the run continues from it."""
-    folder = pathlib.Path(mngr.directory)
+    folder = mngr.directory
     for n in newer:
         log.warning("checkpoint.restore_step=%d: moving the newer %s/%d to %s", step, folder, n,
                     _set_aside(folder, n, SUPERSEDED).name)
@@ -337,7 +338,7 @@ def restore_newest(mngr: ocp.CheckpointManager, shardings: Any, abstract_state: 
     """(step, state) of the newest step that reads completely (or of `step`); None for an empty
     folder. Steps that fail are set aside as unreadable-<step>; steps newer than an explicit
     `step` as superseded-<step>. ValueError when the folder holds something but nothing readable."""
-    folder = pathlib.Path(mngr.directory)
+    folder = mngr.directory
     steps = list(mngr.all_steps())
     if step is not None and step not in steps:
         raise ValueError(f"checkpoint.restore_step={step}: {folder} has no step {step} "

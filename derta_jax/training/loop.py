@@ -31,7 +31,7 @@ import contextlib
 import dataclasses
 import logging
 import math
-import pathlib
+import os
 import signal
 import time
 from typing import Any, Sequence
@@ -42,8 +42,10 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import tqdm
+from etils import epath
 from flax import traverse_util
 
+from derta_jax import storage
 from derta_jax.checkpoints import model_dir, resolve
 from derta_jax.data import loader as loader_lib
 from derta_jax.data import prepared
@@ -62,11 +64,10 @@ log = logging.getLogger(__name__)
 def start_checkpoint(run: config_lib.RunConfig) -> resolve.Checkpoint | None:
     """model.checkpoint when it is a training workdir (its newest step) or one of its steps, as
     the DPO baseline starts from a vanilla-tuned run; None for a model dir or a random init."""
-    path = pathlib.Path(run.source.checkpoint)
     if run.source.init == "random" or not run.source.checkpoint or \
-            (path / model_dir.PARAMS_DIR).is_dir():
+            (storage.path(run.source.checkpoint) / model_dir.PARAMS_DIR).is_dir():
         return None
-    return resolve.resolve_checkpoint(path)
+    return resolve.resolve_checkpoint(run.source.checkpoint)
 
 
 def model_and_tokenizer(run: config_lib.RunConfig) -> tuple[ModelConfig, Any]:
@@ -141,17 +142,21 @@ class MetricsWriter:
     processes other than 0. Every logged row goes to all three.
 
     Rows after `start` (written by a run killed before its next checkpoint) are dropped first;
-    TensorBoard is told to purge its events from step start + 1 on."""
+    TensorBoard is told to purge its events from step start + 1 on. In a bucket workdir, where an
+    object is rewritten to append to it, the rows and the TensorBoard events (written to a local
+    folder first) are uploaded before each checkpoint and at the end."""
 
-    def __init__(self, workdir: pathlib.Path, start: int, total: int,
+    def __init__(self, workdir: epath.Path, start: int, total: int,
                  config: ml_collections.ConfigDict):
         self.active = jax.process_index() == 0
         if not self.active:
             return
         from tensorboardX import SummaryWriter
         workdir_lib.truncate_metrics(workdir, start)
-        self.jsonl = open(workdir / workdir_lib.METRICS_FILE, "a")
-        self.tb = SummaryWriter(str(workdir / "tensorboard"),
+        self.jsonl, self.rows, self.buffer = workdir / workdir_lib.METRICS_FILE, [], \
+            storage.is_url(workdir)
+        self.tb_dir = workdir / "tensorboard"
+        self.tb = SummaryWriter(str(storage.temp_dir() if self.buffer else self.tb_dir),
                                 purge_step=start + 1 if start > 0 else None)
         self.wandb = workdir_lib.open_wandb(config, workdir)
         self.bar = tqdm.tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
@@ -163,28 +168,41 @@ class MetricsWriter:
         self.bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                              tok_s=f"{metrics.get('perf/tokens_per_s', 0.0):.0f}")
         if log_line:
-            self.jsonl.write(workdir_lib.json_row(step, metrics) + "\n")
-            self.jsonl.flush()
+            self.rows.append(workdir_lib.json_row(step, metrics) + "\n")
+            if not self.buffer:
+                self._write_rows()
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, step)
             if self.wandb is not None:
                 self.wandb.log(dict(metrics), step=step)
 
+    def _write_rows(self) -> None:
+        if self.rows:
+            storage.append_text(self.jsonl, "".join(self.rows))
+            self.rows = []
+
+    def _upload_events(self) -> None:
+        if self.buffer:
+            storage.upload(self.tb.logdir, self.tb_dir)
+
     def flush(self) -> None:
         """Before a checkpoint: the rows of every step it holds are on disk."""
         if self.active:
+            self._write_rows()
             self.tb.flush()
+            self._upload_events()
 
     def close(self) -> None:
         if self.active:
             self.bar.close()
-            self.jsonl.close()
+            self._write_rows()
             self.tb.close()
+            self._upload_events()
             if self.wandb is not None:
                 self.wandb.finish()
 
 
-def write_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, run: "_Run",
+def write_workdir(workdir: epath.Path, config: ml_collections.ConfigDict, run: "_Run",
                   changed: bool) -> None:
     """config.json (the previous one kept as config.<step>.json when `changed`), plan.json and
     model/ (model_config.json + tokenizer, so eval/export can read the run): written once the run
@@ -290,7 +308,7 @@ class _Run:
     tokenizer: Any
 
 
-def _prepare(run_cfg: config_lib.RunConfig, workdir: pathlib.Path) -> _Run | None:
+def _prepare(run_cfg: config_lib.RunConfig, workdir: epath.Path) -> _Run | None:
     """The run restored (or initialised); None when its checkpoints already reach the plan's
     last step (decided from the folder, before anything is restored)."""
     mesh = shd.make_mesh(run_cfg.mesh)
@@ -335,18 +353,18 @@ def _prepare(run_cfg: config_lib.RunConfig, workdir: pathlib.Path) -> _Run | Non
                 plan, tokenizer)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
     """Runs (or resumes) training; returns the last step's metrics ({} when the run had already
     finished). With `train.stop_at` it saves and returns after that step, as a preempted run
     would."""
     run_cfg = config_lib.parse(config)
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = storage.path(workdir)  # a local path or a bucket URL
     with workdir_lib.hold_lock(workdir):
         return _train(run_cfg, config, workdir)
 
 
 def _train(run_cfg: config_lib.RunConfig, config: ml_collections.ConfigDict,
-           workdir: pathlib.Path) -> dict[str, float]:
+           workdir: epath.Path) -> dict[str, float]:
     ckpt.remove_unfinished(workdir)
     folder = workdir / ckpt.CHECKPOINT_DIR
     progress = folder.is_dir() and any(folder.iterdir())

@@ -14,13 +14,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import pathlib
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
 import tqdm
+from etils import epath
 
 from derta_jax.data import loader, packing
 from derta_jax.data.tokenize import TokenizedExample, materialize
@@ -67,14 +67,14 @@ def attach(examples: Sequence[TokenizedExample], logps: Logps) -> Attached:
     return Attached(examples, logps)
 
 
-def load_or_compute(workdir: pathlib.Path, examples: Sequence[TokenizedExample],
+def load_or_compute(workdir: epath.Path, examples: Sequence[TokenizedExample],
                     compute: Callable[[], Logps], has_progress: bool) -> Logps:
     """The workdir's stored log-probs (checked against the examples), else `compute()` written
     there first. A run with progress but no stored file stops: its starting params are gone."""
     path = workdir / FILE
     want = fingerprint(examples)
     if path.exists():
-        with np.load(path) as f:
+        with path.open("rb") as stream, np.load(stream) as f:
             if str(f["fingerprint"]) != want or len(f["lengths"]) != len(examples):
                 raise ValueError(f"{path} holds reference log-probs of other training examples "
                                  "(the data or tokenizer changed); move it away to recompute them "
@@ -88,8 +88,9 @@ def load_or_compute(workdir: pathlib.Path, examples: Sequence[TokenizedExample],
     logps = compute()
     if jax.process_index() == 0:
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, logps=np.concatenate(logps) if logps else np.zeros(0, np.float32),
-                 lengths=np.array([len(x) for x in logps], np.int64), fingerprint=want)
+        with tmp.open("wb") as stream:
+            np.savez(stream, logps=np.concatenate(logps) if logps else np.zeros(0, np.float32),
+                     lengths=np.array([len(x) for x in logps], np.int64), fingerprint=want)
         tmp.replace(path)
         log.info("reference log-probs of %d examples written to %s", len(examples), path)
     return logps

@@ -18,14 +18,15 @@ import json
 import logging
 import math
 import os
-import pathlib
 import socket
 import uuid
 from typing import Any, Iterator
 
 import jax
 import ml_collections
+from etils import epath
 
+from derta_jax import storage
 from derta_jax.training import checkpointing as ckpt
 from derta_jax.training import config as config_lib
 
@@ -56,7 +57,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _read_lock(path: pathlib.Path) -> dict[str, Any]:
+def _read_lock(path: epath.Path) -> dict[str, Any]:
     try:
         holder = json.loads(path.read_text())
         return holder if isinstance(holder, dict) else {}
@@ -64,19 +65,14 @@ def _read_lock(path: pathlib.Path) -> dict[str, Any]:
         return {}  # a lock being written, or garbage: treated as held by an unknown process
 
 
-def _take(path: pathlib.Path) -> bool:
+def _take(path: epath.Path) -> bool:
     """Creates the lock file atomically; False when it exists."""
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as f:
-        json.dump({"pid": os.getpid(), "host": socket.gethostname(),
-                   "start": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}, f)
-    return True
+    return storage.create_new(path, json.dumps({
+        "pid": os.getpid(), "host": socket.gethostname(),
+        "start": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}))
 
 
-def acquire_lock(workdir: pathlib.Path) -> pathlib.Path | None:
+def acquire_lock(workdir: epath.Path) -> epath.Path | None:
     """Takes <workdir>/lock on process 0 (None elsewhere); ValueError while another trainer holds
     it; a stale lock (its pid dead on this host) is taken over with a warning."""
     if jax.process_index() != 0:
@@ -103,7 +99,7 @@ def acquire_lock(workdir: pathlib.Path) -> pathlib.Path | None:
     raise ValueError(f"cannot take {path}: it keeps being re-created by another trainer")
 
 
-def release_lock(path: pathlib.Path | None) -> None:
+def release_lock(path: epath.Path | None) -> None:
     if path is None:
         return
     holder = _read_lock(path)
@@ -113,7 +109,7 @@ def release_lock(path: pathlib.Path | None) -> None:
 
 
 @contextlib.contextmanager
-def hold_lock(workdir: pathlib.Path) -> Iterator[None]:
+def hold_lock(workdir: epath.Path) -> Iterator[None]:
     """The lock held while the body runs; every process raises when process 0 cannot take it."""
     error, path = None, None
     try:
@@ -139,7 +135,7 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_changes(config: ml_collections.ConfigDict, workdir: pathlib.Path
+def config_changes(config: ml_collections.ConfigDict, workdir: epath.Path
                    ) -> dict[str, tuple[Any, Any]]:
     """`key: (recorded, new)` for every key whose value differs from <workdir>/config.json (a
     key the recorded config lacks, from an older version, counts as its default)."""
@@ -156,7 +152,7 @@ def config_changes(config: ml_collections.ConfigDict, workdir: pathlib.Path
             if old.get(k, default.get(k)) != v}
 
 
-def check_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, allow: bool
+def check_config(config: ml_collections.ConfigDict, workdir: epath.Path, allow: bool
                  ) -> dict[str, tuple[Any, Any]]:
     """The changed keys; ValueError listing the ones that change the run unless `allow`."""
     changed = config_changes(config, workdir)
@@ -172,7 +168,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, allow
     return changed
 
 
-def record_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, step: int,
+def record_config(config: ml_collections.ConfigDict, workdir: epath.Path, step: int,
                   changed: bool) -> None:
     """Writes config.json (process 0); a changed one keeps the previous as config.<step>.json."""
     if jax.process_index() != 0:
@@ -183,14 +179,14 @@ def record_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, step
         while kept.exists():
             n += 1
             kept = workdir / f"config.{step}.{n}.json"
-        os.replace(path, kept)
+        path.replace(kept)
         log.info("config changed at step %d: the previous one is kept as %s", step, kept.name)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(config.to_json(indent=2))
-    os.replace(tmp, path)
+    tmp.replace(path)
 
 
-def truncate_metrics(workdir: pathlib.Path, step: int) -> int:
+def truncate_metrics(workdir: epath.Path, step: int) -> int:
     """Drops metrics.jsonl rows after `step` (and a torn last line) so that a resumed run writes
     every step exactly once; returns how many rows were dropped (process 0)."""
     path = workdir / METRICS_FILE
@@ -210,7 +206,7 @@ def truncate_metrics(workdir: pathlib.Path, step: int) -> int:
     if dropped:
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        tmp.replace(path)
         log.info("%s: dropped %d rows after step %d (written after the checkpoint)", path, dropped,
                  step)
     return dropped
@@ -228,8 +224,9 @@ def wandb_mode() -> str:
                                             else "offline")
 
 
-def open_wandb(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Any:
-    """The W&B run of train.wandb_project (None when ''), files under $WANDB_DIR or the workdir.
+def open_wandb(config: ml_collections.ConfigDict, workdir: epath.Path) -> Any:
+    """The W&B run of train.wandb_project (None when ''), files under $WANDB_DIR or the workdir
+    (W&B's default ./wandb for a bucket workdir).
     Its id is kept in <workdir>/wandb_id, so a resumed run continues the same W&B run (W&B
     ignores rows for steps it already has). Process 0 only; wandb is imported only here."""
     t = config.train
@@ -240,7 +237,8 @@ def open_wandb(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Any:
     if not id_path.exists():
         id_path.write_text(uuid.uuid4().hex[:8])
     mode = wandb_mode()
+    local_dir = None if storage.is_url(workdir) else str(workdir)  # W&B writes local files only
     log.info("W&B: project %s, %s mode, run id %s", t.wandb_project, mode, id_path.read_text())
     return wandb.init(project=t.wandb_project, name=t.wandb_run or None, id=id_path.read_text(),
-                      resume="allow", mode=mode, dir=os.environ.get("WANDB_DIR") or str(workdir),
+                      resume="allow", mode=mode, dir=os.environ.get("WANDB_DIR") or local_dir,
                       config=config.to_dict())
