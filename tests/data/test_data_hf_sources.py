@@ -114,3 +114,28 @@ def test_data_config_sources():
     d = config_lib.parse(c).data
     assert d.source("helpful") == records.Source("org/name", "sft", "", "output=response")
     assert d.source("safety") == records.Source(str(pipeline.DEMO_SAFETY))
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "saved"])
+def test_dataset_sources_in_a_bucket(tmp_path, bucket, fmt):
+    """A dataset file or folder in a gs:// bucket is downloaded and read like a local one."""
+    from derta_jax import storage
+    local = _write(SAFETY, fmt, tmp_path / "s")
+    url = f"{bucket}/data-tests/{fmt}/{local.rsplit('/', 1)[-1]}"
+    storage.upload(local, url)
+    rows, report = records.read_rows(records.Source(url), "safety")
+    assert rows == SAFETY and report.kept == len(SAFETY)
+    with pytest.raises(ValueError, match=f"safety dataset '{bucket}/data-tests/missing.parquet'"):
+        records.read_rows(records.Source(f"{bucket}/data-tests/missing.parquet"), "safety")
+
+
+def test_json_lines_in_a_bucket_name_the_url_and_line(bucket):
+    from derta_jax import storage
+    url = f"{bucket}/data-tests/bad.jsonl"
+    storage.path(url).write_text(pipeline.DEMO_SAFETY.read_text().splitlines()[0] + "\n{oops\n")
+    with pytest.raises(records.InvalidLine, match=f"{url}:2"):
+        records.read_rows(url, "safety")
+    rows, report = records.read_rows(records.Source(url), "safety", skip_invalid=True)
+    assert len(rows) == 1 and report.num_skipped == 1
+    with pytest.raises(ValueError, match=f"safety file not found: {bucket}/data-tests/none.jsonl"):
+        records.read_rows(f"{bucket}/data-tests/none.jsonl", "safety")
