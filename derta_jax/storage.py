@@ -146,6 +146,18 @@ def create_new(p: epath.Path, text: str) -> bool:
     return True
 
 
+def write_whole(p: epath.Path, data: str | bytes) -> None:
+    """Replace a file's contents so that a reader sees the old or the new, never half: through a
+    temporary file and a rename on a local disk; a bucket object is written in one upload (which
+    is atomic, where a rename would be a copy)."""
+    if is_url(p):
+        p.write_bytes(data) if isinstance(data, bytes) else p.write_text(data, encoding="utf-8")
+        return
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data, encoding="utf-8")
+    tmp.replace(p)
+
+
 def append_text(p: epath.Path, text: str) -> None:
     """Append to a text file; a bucket object is rewritten whole (objects have no append)."""
     if is_url(p):

@@ -1,11 +1,19 @@
-"""A fake Google Cloud Storage bucket for tests: gcp-storage-emulator's server on 127.0.0.1, with
+"""A fake Google Cloud Storage bucket for tests: gcp-storage-emulator's server on 127.0.0.1 (in a
+process of its own), with
 gcsfs (through etils.epath) and tensorstore (through Orbax) pointed at it by their own variables.
 Subprocesses inherit the variables and reach the same server."""
 import contextlib
 import logging
 import os
+import pathlib
 import socket
+import subprocess
+import sys
+import threading
+import time
 from typing import Iterator
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 BUCKET = "derta-test"
 _VARIABLES = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING")
@@ -35,26 +43,41 @@ def _patch_emulator() -> None:
                 handlers[method] = objects.download
 
 
+def serve(port: int) -> None:
+    """The server, in a process of its own (so that it does not share the tests' interpreter)."""
+    from gcp_storage_emulator.server import create_server
+    _patch_emulator()
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
+    create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET).start()
+    threading.Event().wait()  # until terminated
+
+
 @contextlib.contextmanager
 def fake_bucket() -> Iterator[str]:
     """Serve an empty in-memory bucket; yields its URL, `gs://derta-test`."""
-    from gcp_storage_emulator.server import create_server
-    _patch_emulator()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
-    server.start()
+    server = subprocess.Popen([sys.executable, "-c", f"from tests.fake_bucket import serve; serve({port})"],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            break
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError(f"the fake GCS server did not start (exit code {server.poll()})")
+        time.sleep(0.1)
     before = {k: os.environ.get(k) for k in _VARIABLES}
     url = f"http://127.0.0.1:{port}"
     os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url,
                       GOOGLE_AUTH_TOKEN_FOR_TESTING="fake")  # tensorstore's test-only token
-    for name, level in (("gcsfs", logging.ERROR), ("gcp_storage_emulator", logging.CRITICAL)):
-        logging.getLogger(name).setLevel(level)
+    logging.getLogger("gcsfs").setLevel(logging.ERROR)
     try:
         yield f"gs://{BUCKET}"
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(30)
         for k, v in before.items():
             if v is None:
                 os.environ.pop(k, None)

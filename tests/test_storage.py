@@ -51,3 +51,11 @@ def test_append_text_keeps_the_earlier_lines(where, tmp_path, bucket):
     storage.append_text(p, "one\n")
     storage.append_text(p, "two\n")
     assert p.read_text() == "one\ntwo\n"
+
+
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_write_whole_replaces_the_contents(where, tmp_path, bucket):
+    p = storage.path(f"{bucket}/whole/f.json" if where == "bucket" else tmp_path / "f.json")
+    storage.write_whole(p, "old")
+    storage.write_whole(p, b"new")
+    assert p.read_text() == "new" and not p.with_name("f.json.tmp").exists()

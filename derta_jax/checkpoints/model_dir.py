@@ -13,11 +13,8 @@ bucket directly; the tokenizer files go through a local folder (`storage.staged`
 from __future__ import annotations
 
 import asyncio
-import atexit
 import os
 import pathlib
-import shutil
-import tempfile
 import weakref
 from typing import Any
 
@@ -157,8 +154,7 @@ def local_tokenizer_dir(folder: str | os.PathLike) -> pathlib.Path:
     folder = storage.path(folder)
     if not storage.is_url(folder):
         return pathlib.Path(folder)
-    local = pathlib.Path(tempfile.mkdtemp(prefix="derta_jax-tokenizer-"))
-    atexit.register(shutil.rmtree, local, True)
+    local = storage.temp_dir()
     for f in folder.iterdir():
         if not f.name.endswith(WEIGHT_SUFFIXES) and f.is_file():
             (local / f.name).write_bytes(f.read_bytes())

@@ -174,16 +174,9 @@ def run_set(test_set: tasks.TestSet, model: EvalModel, out_dir: str | os.PathLik
 
 
 def rewrite(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
-    """Replaces the output file with `rows`: through a temporary file on a local disk; a bucket
-    object is written whole in one upload (it never shows half of it)."""
-    path = storage.path(path)
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    if storage.is_url(path):
-        path.write_text(text, encoding="utf-8")
-        return
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    """Replaces the output file with `rows` (never half written: `storage.write_whole`)."""
+    storage.write_whole(storage.path(path),
+                        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def write_alpacaeval(out_dir: str | os.PathLike, rows: Sequence[dict[str, Any]],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import logging
 from typing import Any, Callable, Sequence
 
@@ -22,6 +23,7 @@ import numpy as np
 import tqdm
 from etils import epath
 
+from derta_jax import storage
 from derta_jax.data import loader, packing
 from derta_jax.data.tokenize import TokenizedExample, materialize
 from derta_jax.models.config import ModelConfig
@@ -87,11 +89,10 @@ def load_or_compute(workdir: epath.Path, examples: Sequence[TokenizedExample],
                          "come from the starting params, which a resumed run no longer has")
     logps = compute()
     if jax.process_index() == 0:
-        tmp = path.with_suffix(".tmp.npz")
-        with tmp.open("wb") as stream:
-            np.savez(stream, logps=np.concatenate(logps) if logps else np.zeros(0, np.float32),
-                     lengths=np.array([len(x) for x in logps], np.int64), fingerprint=want)
-        tmp.replace(path)
+        stream = io.BytesIO()
+        np.savez(stream, logps=np.concatenate(logps) if logps else np.zeros(0, np.float32),
+                 lengths=np.array([len(x) for x in logps], np.int64), fingerprint=want)
+        storage.write_whole(path, stream.getvalue())
         log.info("reference log-probs of %d examples written to %s", len(examples), path)
     return logps
 

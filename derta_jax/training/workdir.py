@@ -179,11 +179,9 @@ def record_config(config: ml_collections.ConfigDict, workdir: epath.Path, step: 
         while kept.exists():
             n += 1
             kept = workdir / f"config.{step}.{n}.json"
-        path.replace(kept)
+        storage.write_whole(kept, path.read_text())
         log.info("config changed at step %d: the previous one is kept as %s", step, kept.name)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(config.to_json(indent=2))
-    tmp.replace(path)
+    storage.write_whole(path, config.to_json(indent=2))
 
 
 def truncate_metrics(workdir: epath.Path, step: int) -> int:
@@ -204,9 +202,7 @@ def truncate_metrics(workdir: epath.Path, step: int) -> int:
         else:
             dropped += 1
     if dropped:
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
+        storage.write_whole(path, "".join(line + "\n" for line in kept))
         log.info("%s: dropped %d rows after step %d (written after the checkpoint)", path, dropped,
                  step)
     return dropped
