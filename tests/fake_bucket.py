@@ -27,15 +27,12 @@ def _with_generation(download):
         with contextlib.suppress(Exception):  # a missing object: the handler answered 404
             obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
             response["x-goog-generation"] = obj["generation"]
-    handler.patched = True
     return handler
 
 
 def _patch_emulator() -> None:
     from gcp_storage_emulator import server
     from gcp_storage_emulator.handlers import objects
-    if getattr(objects.download, "patched", False):
-        return
     objects.download = _with_generation(objects.download)  # what objects.get(alt=media) calls
     for _, handlers in server.HANDLERS:
         for method, handler in list(handlers.items()):

@@ -94,7 +94,7 @@ class DataConfig:
     vanilla_count: int = -1  # vanilla safety examples; -1 = up to the official count
     pairs_count: int = -1  # recipe=preference: safety pairs (safe chosen, harmful rejected); -1 = all
     skip_invalid: bool = False  # skip malformed rows (counted) instead of stopping
-    data_dir: str = ""  # where examples are prepared once and reused; '' = $DERTA_JAX_DATA_DIR or ~/.cache/derta_jax
+    data_dir: str = ""  # where examples are prepared once and reused (a folder or gs:// URL); '' = $DERTA_JAX_DATA_DIR or ~/.cache/derta_jax
 
     def __post_init__(self):
         _check(self.recipe in ALL_RECIPES, "recipe", self.recipe, f"one of {ALL_RECIPES}")

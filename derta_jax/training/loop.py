@@ -153,10 +153,10 @@ class MetricsWriter:
             return
         from tensorboardX import SummaryWriter
         workdir_lib.truncate_metrics(workdir, start)
-        self.jsonl, self.rows, self.buffer = workdir / workdir_lib.METRICS_FILE, [], \
+        self.jsonl, self.rows, self.remote = workdir / workdir_lib.METRICS_FILE, [], \
             storage.is_url(workdir)
         self.tb_dir = workdir / "tensorboard"
-        self.tb = SummaryWriter(str(storage.temp_dir() if self.buffer else self.tb_dir),
+        self.tb = SummaryWriter(str(storage.temp_dir() if self.remote else self.tb_dir),
                                 purge_step=start + 1 if start > 0 else None)
         self.wandb = workdir_lib.open_wandb(config, workdir)
         self.bar = tqdm.tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
@@ -169,7 +169,7 @@ class MetricsWriter:
                              tok_s=f"{metrics.get('perf/tokens_per_s', 0.0):.0f}")
         if log_line:
             self.rows.append(workdir_lib.json_row(step, metrics) + "\n")
-            if not self.buffer:
+            if not self.remote:
                 self._write_rows()
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, step)
@@ -182,7 +182,7 @@ class MetricsWriter:
             self.rows = []
 
     def _upload_events(self) -> None:
-        if self.buffer:
+        if self.remote:
             storage.upload(self.tb.logdir, self.tb_dir)
 
     def flush(self) -> None:
