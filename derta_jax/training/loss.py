@@ -2,9 +2,8 @@
 
 One forward pass over q ⊕ r̂ gives hidden states at every position; at RTO positions the batch's
 `targets` already hold the refusal id, so RTO is plain cross-entropy on those positions
-(derta-method.md, "the vectorised form"). The LM head and the cross-entropy run only over the
-positions with loss, in sequence chunks under `jax.checkpoint` (training/lm_head.py), so float32
-logits exist for one chunk at a time, forward and backward.
+(derta-method.md, "the vectorised form"). The LM head and the cross-entropy run in sequence chunks
+under `jax.checkpoint`, so float32 logits exist for one chunk at a time, forward and backward.
 
 Refusal-token dropout (`rto_keep` < 1) keeps the loss of only some RTO positions each step:
 - `official` (the authors' full-parameter script): in every row of length L, max(1, ceil(rto_keep * L))
@@ -29,7 +28,6 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from derta_jax.training import lm_head
 from derta_jax.training.preference import OBJECTIVES
 
 NORMALISATIONS = ("token", "sequence")
@@ -140,20 +138,30 @@ def loss_weights(batch: Batch, cfg: LossConfig, rng: jax.Array) -> tuple[jax.Arr
 
 def loss_sums(hidden_BLD: jax.Array, lm_head_DV: jax.Array, batch: Batch, weights_BL: jax.Array,
               cfg: LossConfig, router_loss: jax.Array | float = 0.0) -> dict[str, jax.Array]:
-    """The loss of (a micro-batch of) the global batch and its metric sums; the LM head runs over
-    the positions with loss only, in chunks of `cfg.chunk_size` (training/lm_head.py).
+    """The loss of (a micro-batch of) the global batch and its metric sums, in chunks of
+    `cfg.chunk_size` positions.
 
     Returns sums (not means) so callers can pool them (SUM_KEYS): `loss` (what is differentiated:
     the weighted cross-entropy plus router_coef * router_loss), `weighted`, `ce/mle`, `ce/rto`,
     `correct/rto` (argmax == target at RTO positions), `count/mle`, `count/rto`, `count/rto_kept`,
     `router_loss`. Pass a micro-batch's share of the router loss (router_loss / micro-batches).
     """
+    chunk_size = cfg.chunk_size
+    B, L, D = hidden_BLD.shape
+    c = min(chunk_size, L)
+    pad = -L % c
     mle_BL = batch["loss_mask"].astype(bool) & ~batch["rto_mask"].astype(bool)
     rto_BL = batch["loss_mask"].astype(bool) & batch["rto_mask"].astype(bool)
     per_token = dict(targets=batch["targets"].astype(jnp.int32), w=weights_BL.astype(jnp.float32),
                      mle=mle_BL.astype(jnp.float32), rto=rto_BL.astype(jnp.float32))
+    padded = {k: jnp.pad(v, ((0, 0), (0, pad))) for k, v in per_token.items()}
+    hidden_BLD = jnp.pad(hidden_BLD, ((0, 0), (0, pad), (0, 0)))
+    n = (L + pad) // c
+    chunks = {k: v.reshape(B, n, c).swapaxes(0, 1) for k, v in padded.items()}
+    chunks["h"] = hidden_BLD.reshape(B, n, c, D).swapaxes(0, 1)
     w_DV = lm_head_DV.astype(hidden_BLD.dtype)
 
+    @jax.checkpoint
     def chunk_sums(ch):
         logits_BcV = jnp.einsum("bcd,dv->bcv", ch["h"], w_DV, preferred_element_type=jnp.float32)
         lse_Bc = jax.nn.logsumexp(logits_BcV, axis=-1)
@@ -163,8 +171,12 @@ def loss_sums(hidden_BLD: jax.Array, lm_head_DV: jax.Array, batch: Batch, weight
         return {"weighted": (ce_Bc * ch["w"]).sum(), "ce/mle": (ce_Bc * ch["mle"]).sum(),
                 "ce/rto": (ce_Bc * ch["rto"]).sum(), "correct/rto": (correct_Bc * ch["rto"]).sum()}
 
-    sums = lm_head.sum_chunks(chunk_sums, hidden_BLD, mle_BL | rto_BL, per_token, cfg.chunk_size,
-                              ("weighted", "ce/mle", "ce/rto", "correct/rto"))
+    def body(acc, ch):
+        return jax.tree.map(jnp.add, acc, chunk_sums(ch)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    sums, _ = jax.lax.scan(body, {k: zero for k in ("weighted", "ce/mle", "ce/rto", "correct/rto")},
+                           chunks)
     kept_rto = ((weights_BL > 0) & rto_BL).astype(jnp.float32).sum()
     router = jnp.asarray(router_loss, jnp.float32)
     return {**sums, "loss": sums["weighted"] + cfg.router_coef * router,

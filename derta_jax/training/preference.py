@@ -37,8 +37,6 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from derta_jax.training import lm_head
-
 OBJECTIVES = ("derta", "dpo", "ipo", "simpo", "constrained_sft")
 PAIRS = ("dpo", "ipo", "simpo")  # objectives on {prompt, chosen, rejected} pairs
 NEEDS_REFERENCE = ("dpo", "ipo", "constrained_sft")
@@ -48,19 +46,25 @@ Batch = Mapping[str, jax.Array]
 
 
 def token_logps(hidden_BLD: jax.Array, lm_head_DV: jax.Array, targets_BL: jax.Array,
-                loss_mask_BL: jax.Array, chunk_size: int) -> jax.Array:
-    """log p(targets[t] | ..) at every position with loss, float32 [B, L] (0 elsewhere); the LM
-    head and log-softmax run over those positions only, in sequence chunks under
-    `jax.checkpoint` (training/lm_head.py)."""
+                chunk_size: int) -> jax.Array:
+    """log p(targets[t] | ..) at every position, float32 [B, L]; the LM head and log-softmax run
+    in sequence chunks under `jax.checkpoint`, so float32 logits exist for one chunk at a time."""
+    B, L, D = hidden_BLD.shape
+    c = min(chunk_size, L)
+    pad = -L % c
+    n = (L + pad) // c
+    h = jnp.pad(hidden_BLD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, c, D).swapaxes(0, 1)
+    t = jnp.pad(targets_BL.astype(jnp.int32), ((0, 0), (0, pad))).reshape(B, n, c).swapaxes(0, 1)
     w_DV = lm_head_DV.astype(hidden_BLD.dtype)
 
-    def chunk(ch):
-        logits = jnp.einsum("bcd,dv->bcv", ch["h"], w_DV, preferred_element_type=jnp.float32)
-        picked = jnp.take_along_axis(logits, ch["t"][..., None], axis=-1)[..., 0]
+    @jax.checkpoint
+    def chunk(xs):
+        h_BcD, t_Bc = xs
+        logits = jnp.einsum("bcd,dv->bcv", h_BcD, w_DV, preferred_element_type=jnp.float32)
+        picked = jnp.take_along_axis(logits, t_Bc[..., None], axis=-1)[..., 0]
         return picked - jax.nn.logsumexp(logits, axis=-1)
 
-    return lm_head.map_chunks(chunk, hidden_BLD, loss_mask_BL.astype(bool),
-                              {"t": targets_BL.astype(jnp.int32)}, chunk_size)
+    return jax.lax.map(chunk, (h, t)).swapaxes(0, 1).reshape(B, n * c)[:, :L]
 
 
 def _per_segment(values_BL: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:

@@ -111,8 +111,7 @@ def compute(examples: Sequence[TokenizedExample], params: Any, cfg: ModelConfig,
     def forward(params, batch):
         hidden, _ = Decoder(cfg).apply({"params": params}, batch["tokens"], batch["positions"],
                                        batch["segment_ids"], return_hidden=True)
-        out = pref.token_logps(hidden, lm_head_weight(params, cfg), batch["targets"],
-                               batch["loss_mask"], chunk_size)
+        out = pref.token_logps(hidden, lm_head_weight(params, cfg), batch["targets"], chunk_size)
         return jax.lax.with_sharding_constraint(out, shd.replicated(mesh))
 
     out: Logps = [np.zeros(0, np.float32)] * len(examples)
@@ -120,7 +119,7 @@ def compute(examples: Sequence[TokenizedExample], params: Any, cfg: ModelConfig,
     for group in tqdm.tqdm(groups, desc="reference log-probs", disable=jax.process_index() != 0):
         batch = packing.fill_rows(arrays, group, rows, seq_len)
         with mesh, nn.logical_axis_rules(shd.LOGICAL_RULES):
-            keys = ("tokens", "positions", "segment_ids", "targets", "loss_mask")
+            keys = ("tokens", "positions", "segment_ids", "targets")
             sharded = shd.shard_batch(shd.local_rows({k: batch[k] for k in keys}), mesh)
             logp = np.asarray(jax.device_get(forward(params, sharded)))
         for r, members in enumerate(group):

@@ -114,7 +114,7 @@ def _micro_loss(trainable: Any, frozen: Any, mb: Batch, weights_BL: jax.Array, r
         sums = loss_lib.loss_sums(hidden_BLD, lm_head, mb, weights_BL, lc,
                                   aux["router_loss"] / cfg.accum_steps)
         return sums["loss"], sums
-    logp_BL = pref.token_logps(hidden_BLD, lm_head, mb["targets"], mb["loss_mask"], lc.chunk_size)
+    logp_BL = pref.token_logps(hidden_BLD, lm_head, mb["targets"], lc.chunk_size)
     ref_BL = None
     if lc.objective in pref.NEEDS_REFERENCE:
         ref_BL = _base_logps(params, lora, mb, mc, lc.chunk_size) if lora is not None \
@@ -136,8 +136,7 @@ def _base_logps(params: Any, lora: Any, mb: Batch, mc: ModelConfig, chunk: int) 
     hidden_BLD, _ = Decoder(mc).apply({"params": params, "lora": zeros}, mb["tokens"],
                                       mb["positions"], mb["segment_ids"], return_hidden=True)
     return jax.lax.stop_gradient(
-        pref.token_logps(hidden_BLD, lm_head_weight(params, mc), mb["targets"], mb["loss_mask"],
-                         chunk))
+        pref.token_logps(hidden_BLD, lm_head_weight(params, mc), mb["targets"], chunk))
 
 
 def sum_keys(objective: str) -> tuple[str, ...]:

@@ -112,8 +112,7 @@ def _model_fns(cfg):
     def logps(params, batch):
         hidden, _ = Decoder(cfg).apply({"params": params}, batch["tokens"], batch["positions"],
                                        batch["segment_ids"], return_hidden=True)
-        return preference.token_logps(hidden, lm_head_weight(params, cfg), batch["targets"],
-                                      batch["loss_mask"], CHUNK)
+        return preference.token_logps(hidden, lm_head_weight(params, cfg), batch["targets"], CHUNK)
 
     def pullback(params, batch, cotangent_BL):
         return jax.vjp(lambda p: logps(p, batch), params)[1](cotangent_BL)[0]
