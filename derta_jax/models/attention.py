@@ -52,18 +52,48 @@ def attend(q_BLHD: jnp.ndarray, k_BSKD: jnp.ndarray, v_BSKD: jnp.ndarray, mask_B
     return jnp.concatenate(outs, axis=1)
 
 
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a row with no visible key stays finite
+
+
 def cached_attend(q_BLHD: jnp.ndarray, k_BKSD: jnp.ndarray, v_BKSD: jnp.ndarray,
-                  mask_B1LS: jnp.ndarray) -> jnp.ndarray:
+                  mask_B1LS: jnp.ndarray, filled: jnp.ndarray | int, block: int = 0) -> jnp.ndarray:
     """Softmax attention over a head-major cache, the XLA kernel's arithmetic (float32 scores
-    and softmax): the query heads of each KV head form one batched matmul with its keys."""
+    and softmax): the query heads of each KV head form one batched matmul with its keys.
+
+    Only the first `filled` slots (traced; every slot after them is unwritten) are read: with
+    `block` > 0 dividing S, the cache is read `block` slots at a time, for ceil(filled / block)
+    blocks, with the online softmax of flash attention, so a decode step costs the filled part of
+    the cache instead of all of it; otherwise all S slots are read at once."""
     B, L, H, Dh = q_BLHD.shape
-    K = k_BKSD.shape[1]
+    K, S = k_BKSD.shape[1], k_BKSD.shape[2]
     q = q_BLHD.reshape(B, L, K, H // K, Dh)
-    scores = jnp.einsum("blkgd,bksd->bkgls", q, k_BKSD, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask_B1LS[:, :, None], scores * (Dh ** -0.5),
-                       jnp.float32(-0.7 * jnp.finfo(jnp.float32).max))
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSD.dtype)
-    return jnp.einsum("bkgls,bksd->blkgd", probs, v_BKSD).reshape(B, L, H, Dh)
+
+    def scores(k, mask):  # -> [B, K, G, L, s] float32, masked
+        raw = jnp.einsum("blkgd,bksd->bkgls", q, k, preferred_element_type=jnp.float32)
+        return jnp.where(mask[:, :, None], raw * (Dh ** -0.5), jnp.float32(_MASKED))
+
+    if block <= 0 or block >= S or S % block:
+        probs = jax.nn.softmax(scores(k_BKSD, mask_B1LS), axis=-1).astype(v_BKSD.dtype)
+        return jnp.einsum("bkgls,bksd->blkgd", probs, v_BKSD).reshape(B, L, H, Dh)
+
+    def one_block(j, carry):
+        top, total, acc = carry  # running max, softmax denominator, weighted values
+        start = j * block
+        s = scores(lax.dynamic_slice_in_dim(k_BKSD, start, block, axis=2),
+                   lax.dynamic_slice_in_dim(mask_B1LS, start, block, axis=3))
+        new_top = jnp.maximum(top, jnp.max(s, axis=-1))
+        p = jnp.exp(s - new_top[..., None])
+        rescale = jnp.exp(top - new_top)
+        v = lax.dynamic_slice_in_dim(v_BKSD, start, block, axis=2)
+        pv = jnp.einsum("bkgls,bksd->bkgld", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return new_top, total * rescale + jnp.sum(p, axis=-1), acc * rescale[..., None] + pv
+
+    shape = (B, K, H // K, L)
+    init = (jnp.full(shape, _MASKED, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros((*shape, Dh), jnp.float32))
+    _, total, acc = lax.fori_loop(0, (filled + block - 1) // block, one_block, init)
+    out = (acc / total[..., None]).astype(v_BKSD.dtype)  # [B, K, G, L, Dh]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, L, H, Dh)
 
 
 class Attention(nn.Module):
@@ -95,8 +125,8 @@ class Attention(nn.Module):
             new_cache = {name: lax.dynamic_update_slice(
                 layer_cache[name], x.swapaxes(1, 2).astype(layer_cache[name].dtype), start)
                 for name, x in (("k", k), ("v", v))}
-            out_BLHD = cached_attend(q, new_cache["k"].astype(q.dtype),
-                                     new_cache["v"].astype(q.dtype), shared["mask"])
+            out_BLHD = cached_attend(q, new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype),
+                                     shared["mask"], shared["index"] + q.shape[1], cfg.attention_block)
         out_BLHD = nn.with_logical_constraint(out_BLHD, ("batch", "length", "heads", "head_dim"))
         out = proj("o_proj", (H, Dh, D), 2, ("heads", "head_dim", "embed"))(out_BLHD)
         return out, new_cache

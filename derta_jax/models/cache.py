@@ -4,7 +4,8 @@
      "layers_{i}": {"k": [B, K, S, Dh], "v": [B, K, S, Dh]}}     (scan_layers: one stacked "layers")
 
 Keys and values are head-major ([B, K, S, Dh]), so every decode step's attention reads the cache
-in the layout its batched matmuls want, without transposing it (models/attention.py).
+in the layout its batched matmuls want, without transposing it, and only its written blocks
+(models/attention.py cached_attend).
 
 Every forward with a cache writes its L new keys/values, positions and segment ids at `index` and
 advances it by L; unwritten slots have segment 0, so the ordinary mask rule ignores them. The caller

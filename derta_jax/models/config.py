@@ -54,7 +54,7 @@ class ModelConfig:
     remat: str = "none"  # none | full | dots: activation rematerialisation per layer
     scan_layers: bool = False  # nn.scan over layers (params stacked under "layers"; faster compile)
     attention_impl: str = "auto"  # auto | xla | cudnn
-    attention_block: int = 128  # xla kernel: query blocks of this size skip later keys (0: off)
+    attention_block: int = 128  # query blocks skip later keys; a cache is read in blocks (0: off)
     lora_rank: int = 0  # 0 = full-parameter training; > 0 = LoRA with frozen base weights
     lora_alpha: float = 16.0  # LoRA scale numerator (scale = alpha / rank)
     lora_dropout: float = 0.0  # dropout on the LoRA input

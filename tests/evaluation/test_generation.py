@@ -44,6 +44,14 @@ def test_batched_greedy_equals_full_forward_loop(params, references):
     assert out == [Generation(r, "length") for r in references]
 
 
+def test_a_cache_read_in_blocks_gives_the_same_tokens(params, references):
+    """attention_block 4 over the 16- and 32-slot caches of these prompts: decode reads only the
+    filled blocks (models/attention.py cached_attend), and greedy tokens stay those of the loop."""
+    out = generate(params, CFG.replace(attention_block=4), PROMPTS, max_new_tokens=6, stop_ids=[],
+                   batch_size=3, progress=False)
+    assert out == [Generation(r, "length") for r in references]
+
+
 def test_stop_ids_end_rows_and_are_excluded(params, references):
     # Stop on the 3rd token of prompt 0 and on the 2nd of prompt 2; others run to length unless
     # they happen to produce one of those ids, which the reference tells us.

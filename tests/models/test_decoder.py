@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from derta_jax.models import attention
 from derta_jax.models.cache import init_cache
 from derta_jax.models.config import ModelConfig
 from derta_jax.models.decoder import Decoder, init_variables, lm_head_weight
@@ -40,7 +41,8 @@ def dense():
     return init_variables(TINY, jax.random.key(0))
 
 
-@pytest.mark.parametrize("cfg", [TINY, TINY.replace(scan_layers=True), MOE], ids=["dense", "scan", "moe"])
+@pytest.mark.parametrize("cfg", [TINY, TINY.replace(scan_layers=True), MOE, TINY.replace(attention_block=4)],
+                         ids=["dense", "scan", "moe", "cache read in blocks of 4"])
 def test_cached_decoding_equals_full_forward(cfg):
     variables = init_variables(cfg.replace(scan_layers=False), jax.random.key(1))
     if cfg.scan_layers:
@@ -57,6 +59,46 @@ def test_cached_decoding_equals_full_forward(cfg):
         steps.append(logits)
     assert int(aux["cache"]["index"]) == L
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=2e-5, rtol=1e-5)
+
+
+def _literal_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(Dh), masked) v in float64, the query heads of a KV head sharing it:
+    q [B, L, H, Dh], k/v [B, K, S, Dh] head-major, mask [B, 1, L, S]."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    group = q.shape[2] // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # [B, H, S, Dh]
+    scores = np.einsum("blhd,bhsd->bhls", q, k) / np.sqrt(q.shape[-1])
+    scores = np.where(np.asarray(mask), scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("bhls,bhsd->blhd", probs, v)
+
+
+@pytest.mark.parametrize("L", [1, 3])
+@pytest.mark.parametrize("filled", [3, 4, 5, 9, 16])
+def test_cached_attention_in_blocks_reads_only_the_filled_slots(L, filled):
+    """Blocks of 4 over a 16-slot cache, `filled` slots written (the last L of them the queries'
+    own): the literal masked softmax, and blocks past the filled ones (NaN here) are never read."""
+    rng = np.random.default_rng(filled * 10 + L)
+    B, H, K, S, Dh = 2, 4, 2, 16, 8
+    q = rng.standard_normal((B, L, H, Dh)).astype(np.float32)
+    k = rng.standard_normal((B, K, S, Dh)).astype(np.float32)
+    v = rng.standard_normal((B, K, S, Dh)).astype(np.float32)
+    slot = np.arange(S)
+    query_slot = filled - L + np.arange(L)  # the queries' own slots: causal within the cache
+    mask = (slot[None, :] <= query_slot[:, None]) & (rng.random((B, 1, 1, S)) < 0.7)
+    mask |= slot[None, :] == query_slot[:, None]  # every query sees at least itself
+    want = _literal_attention(q, k, v, mask)
+    read = -(-filled // 4) * 4  # whole blocks: the last one may hold unwritten (zero) slots
+    k[:, :, read:] = np.nan
+    v[:, :, read:] = np.nan
+    for block in (4, 0):  # 0: one read of all slots, NaN included where masked
+        got = attention.cached_attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask),
+                                      jnp.int32(filled), block)
+        if block == 0 and read < S:
+            assert np.isnan(np.asarray(got)).any()  # the check above can see a read past the blocks
+            continue
+        np.testing.assert_allclose(np.asarray(got), want, atol=2e-6, rtol=1e-5)
 
 
 def test_a_token_changes_only_the_logits_from_its_position_on(dense):
