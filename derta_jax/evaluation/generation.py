@@ -3,7 +3,11 @@
 Prompt lengths are bucketed to powers of two (at least 16) and the cache to the power of two that
 holds prompt + new tokens, so prompts of different lengths within a bucket reuse the same compiled
 prefill and decode loop; the decode loop is a `lax.while_loop` over one decode step, compiled once
-per (batch, cache length) and stopped as soon as every row has finished.
+per (batch, cache length) and stopped as soon as every row has finished. Each step's attention
+reads only the cache blocks written so far (models/attention.py). Rows that have finished no
+longer cost decode steps: once at most half of a batch's rows are unfinished, the loop pauses and
+those rows go on alone as a batch of half the size (down to COMPACT_MIN_ROWS rows, and while
+the half still divides over the mesh's batch axes).
 
 Generation runs over a device mesh (`training/sharding.py`): the batch rows (and the KV cache) are
 split over the `data` and `fsdp` axes, and the parameters are placed by the logical-axis rules
@@ -28,6 +32,7 @@ from derta_jax.models.decoder import Decoder
 from derta_jax.training import sharding as shd
 
 MIN_BUCKET = 16
+COMPACT_MIN_ROWS = 4  # decoding continues on half the batch only while that half has this many rows
 
 
 @dataclasses.dataclass
@@ -78,6 +83,7 @@ class _Settings:
     stop_ids: tuple[int, ...]
     temperature: float
     top_p: float
+    pause_at: int = 0  # the decode loop also stops once at most this many rows are unfinished
 
 
 def _record(state: dict, token_B: jnp.ndarray, stop_ids: jnp.ndarray) -> dict:
@@ -122,7 +128,7 @@ def _decode(variables, state: dict, s: _Settings) -> dict:
     model = Decoder(s.cfg)
 
     def unfinished(st):
-        return (st["step"] < s.max_new_tokens) & ~jnp.all(st["done"])
+        return (st["step"] < s.max_new_tokens) & (jnp.sum(~st["done"]) > s.pause_at)
 
     def step(st):
         B = st["token"].shape[0]
@@ -134,6 +140,56 @@ def _decode(variables, state: dict, s: _Settings) -> dict:
         return _record(st, token, stop_ids)
 
     return jax.lax.while_loop(unfinished, step, state)
+
+
+@functools.partial(jax.jit, static_argnames="scan_layers")
+def _keep_rows(state: dict, rows: jnp.ndarray, scan_layers: bool) -> dict:
+    """The state of the given rows only (a smaller batch); every per-row array has the batch on
+    axis 0, except stacked (scan_layers) K/V [layers, B, K, S, Dh], which have it on axis 1."""
+    def take(x):
+        if x.ndim == 0:
+            return x
+        return jnp.take(x, rows, axis=1 if scan_layers and x.ndim == 5 else 0)
+    state = jax.tree.map(take, state)
+    return {**state, "cache": _constrain_cache(state["cache"])}
+
+
+def _pause_at(batch: int, split: int) -> int:
+    """Unfinished rows at which decoding pauses to continue on half the batch: batch / 2 when that
+    is at least COMPACT_MIN_ROWS and still divides over the mesh's batch axes; else 0 (no pause)."""
+    half = batch // 2
+    if batch % 2 or half < max(COMPACT_MIN_ROWS, split) or half % split:
+        return 0
+    return half
+
+
+def _run_batch(variables, inputs, key, settings: _Settings, split: int) -> dict[int, Generation]:
+    """Prefill and decode one batch; whenever at most half its rows are unfinished, the
+    unfinished ones continue alone on half the batch (finished rows stop costing decode steps).
+    Returns the Generation of every active row, by row."""
+    batch = inputs[0].shape[0]
+    done: dict[int, Generation] = {}
+    rows = np.arange(batch)  # the original row of each row of the current batch
+    state = _prefill(variables, *inputs, key, settings)
+    while True:
+        s = dataclasses.replace(settings, pause_at=_pause_at(len(rows), split))
+        state = _decode(variables, state, s)
+        finished, step = jax.device_get((state["done"], state["step"]))
+        last = s.pause_at == 0 or step >= s.max_new_tokens or finished.all()
+        leaving = np.flatnonzero(finished | last)
+        out, length, stopped = jax.device_get((state["out"], state["length"], state["stopped"]))
+        for r in leaving:
+            if rows[r] >= 0:
+                done[int(rows[r])] = Generation([int(t) for t in out[r, :length[r]]],
+                                                "stop" if stopped[r] else "length")
+        if last:
+            return done
+        staying = np.flatnonzero(~finished)
+        fill = s.pause_at - len(staying)  # copies of a finished row, done, make up the half batch
+        keep = np.concatenate([staying, np.repeat(leaving[:1], fill)])
+        state = _keep_rows(state, jnp.asarray(keep, jnp.int32), settings.cfg.scan_layers)
+        state["done"] = state["done"] | (jnp.arange(s.pause_at) >= len(staying))
+        rows = np.concatenate([rows[staying], np.full(fill, -1)])
 
 
 def _check_args(cfg: ModelConfig, prompt_ids, max_new_tokens, temperature, top_p, lora) -> None:
@@ -196,6 +252,7 @@ def generate(params: Any, cfg: ModelConfig, prompt_ids: list[list[int]], *, max_
     rows_sharding = NamedSharding(mesh, P(shd.BATCH_AXES))
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     batch = _batch_rows(len(order), batch_size, mesh)
+    split = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES]))
     results: list[Generation | None] = [None] * len(order)
     key = jax.random.key(seed)
     bar = tqdm(total=len(order), desc="generating", unit="prompt", disable=not progress)
@@ -209,12 +266,9 @@ def generate(params: Any, cfg: ModelConfig, prompt_ids: list[list[int]], *, max_
                                 (*[shd.batch_sharding(mesh)] * 3, rows_sharding))
         key, sub = jax.random.split(key)
         with mesh, nn.logical_axis_rules(shd.LOGICAL_RULES):
-            state = _prefill(variables, *inputs, sub, settings)
-            state = jax.device_get(_decode(variables, state, settings))
+            by_row = _run_batch(variables, inputs, sub, settings, split)
         for row, i in enumerate(indices):
-            n = int(state["length"][row])
-            reason = "stop" if state["stopped"][row] else "length"
-            results[i] = Generation([int(t) for t in state["out"][row, :n]], reason)
+            results[i] = by_row[row]
         bar.update(len(indices))
     bar.close()
     return results

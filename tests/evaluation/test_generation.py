@@ -8,6 +8,8 @@ from derta_jax.evaluation import generation
 from derta_jax.evaluation.generation import Generation, generate
 from derta_jax.models.config import ModelConfig
 from derta_jax.models.decoder import Decoder, init_variables
+from derta_jax.models.layout import stack_layers
+from derta_jax.training import sharding as shd
 
 CFG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, rope_theta=10000.0, bos_token_id=1, eos_token_ids=(2,))
@@ -62,6 +64,40 @@ def test_stop_ids_end_rows_and_are_excluded(params, references):
         want = Generation(ref, "length") if cut is None else Generation(ref[:cut], "stop")
         assert got == want
     assert out[0].finish_reason == out[2].finish_reason == "stop"
+
+
+MORE_PROMPTS = [[30, 31], [8, 8, 8, 8], [40, 2, 41], [50, 51, 52, 53, 54, 55, 56]]
+
+
+@pytest.mark.parametrize("scan_layers, mesh_cfg", [(False, shd.MeshConfig(data=2)),
+                                                   (True, shd.MeshConfig(data=1, tensor=2))],
+                         ids=["layers, batch on 2 devices", "scan_layers, heads on 2 devices"])
+def test_rows_that_stop_leave_the_batch_and_the_rest_decode_on(params, references, monkeypatch,
+                                                                scan_layers, mesh_cfg):
+    """8 rows stopping at different steps: once half of them have stopped the other half goes on
+    as a batch of 4 (then 2, and 1 where the batch is not split over devices; COMPACT_MIN_ROWS
+    lowered to 1 here); every row still gets the literal loop's tokens up to its first stop id."""
+    refs = references + [_greedy_reference(params, p, 6) for p in MORE_PROMPTS]
+    stops = [refs[0][1], refs[2][3], refs[4][2], refs[7][4]]
+    batches = []
+    decode = generation._decode
+
+    def spy(variables, state, s):
+        batches.append(state["token"].shape[0])
+        return decode(variables, state, s)
+
+    monkeypatch.setattr(generation, "_decode", spy)
+    monkeypatch.setattr(generation, "COMPACT_MIN_ROWS", 1)
+    cfg, model_params = CFG, params
+    if scan_layers:
+        cfg, model_params = CFG.replace(scan_layers=True), stack_layers(params)
+    mesh = shd.make_mesh(mesh_cfg, jax.devices()[:2])
+    out = generate(model_params, cfg, PROMPTS + MORE_PROMPTS, max_new_tokens=6, stop_ids=stops,
+                   batch_size=8, progress=False, mesh=mesh)
+    for got, ref in zip(out, refs):
+        cut = next((i for i, t in enumerate(ref) if t in stops), None)
+        assert got == (Generation(ref, "length") if cut is None else Generation(ref[:cut], "stop"))
+    assert batches[:2] == [8, 4], batches  # it did continue on half the batch
 
 
 def test_tiny_top_p_is_greedy_and_the_seed_decides_samples(params, references):
