@@ -168,7 +168,7 @@ def _run_batch(variables, inputs, key, settings: _Settings, split: int) -> dict[
     unfinished ones continue alone on half the batch (finished rows stop costing decode steps).
     Returns the Generation of every active row, by row."""
     batch = inputs[0].shape[0]
-    done: dict[int, Generation] = {}
+    generations: dict[int, Generation] = {}
     rows = np.arange(batch)  # the original row of each row of the current batch
     state = _prefill(variables, *inputs, key, settings)
     while True:
@@ -180,10 +180,10 @@ def _run_batch(variables, inputs, key, settings: _Settings, split: int) -> dict[
         out, length, stopped = jax.device_get((state["out"], state["length"], state["stopped"]))
         for r in leaving:
             if rows[r] >= 0:
-                done[int(rows[r])] = Generation([int(t) for t in out[r, :length[r]]],
+                generations[int(rows[r])] = Generation([int(t) for t in out[r, :length[r]]],
                                                 "stop" if stopped[r] else "length")
         if last:
-            return done
+            return generations
         staying = np.flatnonzero(~finished)
         fill = s.pause_at - len(staying)  # copies of a finished row, done, make up the half batch
         keep = np.concatenate([staying, np.repeat(leaving[:1], fill)])
