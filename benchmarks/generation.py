@@ -43,6 +43,18 @@ def _prompts(tokenizer, questions: list[str]) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
+def _questions(path: str, limit: int) -> list[str]:
+    """The first `limit` questions of a JSON-lines eval file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--eval-set {path}: no such file")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()][:limit]
+    missing = [i + 1 for i, row in enumerate(rows) if "question" not in row]
+    if missing:
+        raise ValueError(f"--eval-set {path}: line {missing[0]} has no `question`")
+    return [row["question"] for row in rows]
+
+
 def time_ours(cfg, params, prompts: list[list[int]], new_tokens: int, batch: int,
               stop_ids: tuple[int, ...]) -> tuple[float, float, int]:
     """(seconds of the timed call, seconds of the first, compiling, call, tokens generated)."""
@@ -94,6 +106,7 @@ def main() -> None:
     parser.add_argument("--eval-set", help="JSON lines with `question`: its prompts, eval's stop ids")
     parser.add_argument("--limit", type=int, default=64, help="--eval-set questions used")
     args = parser.parse_args()
+    questions = _questions(args.eval_set, args.limit) if args.eval_set else []
     if args.threads:
         torch.set_num_threads(args.threads)
     path = common.smollm2_gguf()
@@ -104,7 +117,6 @@ def main() -> None:
     stop_ids: tuple[int, ...] = ()
     workload = f"{args.new_tokens} new tokens per row, eos ignored"
     if args.eval_set:
-        questions = [json.loads(line)["question"] for line in open(args.eval_set)][:args.limit]
         stop_ids = tasks.stop_ids(cfg, tokenizer)
         workload = (f"the first {len(questions)} prompts of {args.eval_set}, up to {args.new_tokens} "
                     f"new tokens, stop ids {list(stop_ids)}")

@@ -7,7 +7,7 @@ per (batch, cache length) and stopped as soon as every row has finished. Each st
 reads only the cache blocks written so far (models/attention.py). Rows that have finished no
 longer cost decode steps: once at most half of a batch's rows are unfinished, the loop pauses and
 those rows go on alone as a batch of half the size (down to COMPACT_MIN_ROWS rows, and while
-the half still divides over the mesh's batch axes).
+the half still divides over the mesh's batch axes), each half size with its own compiled loop.
 
 Generation runs over a device mesh (`training/sharding.py`): the batch rows (and the KV cache) are
 split over the `data` and `fsdp` axes, and the parameters are placed by the logical-axis rules
@@ -174,10 +174,10 @@ def _run_batch(variables, inputs, key, settings: _Settings, split: int) -> dict[
     while True:
         s = dataclasses.replace(settings, pause_at=_pause_at(len(rows), split))
         state = _decode(variables, state, s)
-        finished, step = jax.device_get((state["done"], state["step"]))
+        finished, step, out, length, stopped = jax.device_get(
+            tuple(state[k] for k in ("done", "step", "out", "length", "stopped")))
         last = s.pause_at == 0 or step >= s.max_new_tokens or finished.all()
         leaving = np.flatnonzero(finished | last)
-        out, length, stopped = jax.device_get((state["out"], state["length"], state["stopped"]))
         for r in leaving:
             if rows[r] >= 0:
                 generations[int(rows[r])] = Generation([int(t) for t in out[r, :length[r]]],
@@ -227,10 +227,15 @@ def default_mesh(params: Any) -> Mesh:
     return shd.make_mesh(shd.MeshConfig())
 
 
+def _batch_split(mesh: Mesh) -> int:
+    """How many ways the mesh splits the batch rows (its data x fsdp size)."""
+    return int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES]))
+
+
 def _batch_rows(num_prompts: int, batch_size: int, mesh: Mesh) -> int:
     """Rows per batch: at most batch_size (no more than the prompts need), rounded up to a
     multiple of the mesh's batch axes so every device gets the same number of rows."""
-    split = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES]))
+    split = _batch_split(mesh)
     rows = min(batch_size, bucket(num_prompts, minimum=1))
     return -(-rows // split) * split
 
@@ -252,7 +257,7 @@ def generate(params: Any, cfg: ModelConfig, prompt_ids: list[list[int]], *, max_
     rows_sharding = NamedSharding(mesh, P(shd.BATCH_AXES))
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     batch = _batch_rows(len(order), batch_size, mesh)
-    split = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES]))
+    split = _batch_split(mesh)
     results: list[Generation | None] = [None] * len(order)
     key = jax.random.key(seed)
     bar = tqdm(total=len(order), desc="generating", unit="prompt", disable=not progress)
